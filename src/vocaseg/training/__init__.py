@@ -1,0 +1,1 @@
+"""Training code (imported only by training commands; the inference library does not need it)."""
