@@ -1,0 +1,182 @@
+"""Dense, text-aligned features from a frozen open_clip image tower.
+
+The wrapped model is used through its own modules (no CLIP code is copied); only the last block of
+the image tower is re-run under a *rule* that decides how patch tokens are formed:
+
+- ``maskclip``: the value path only, ``x + out_proj(v)`` then the MLP (ViT); the attention-pool's
+  ``v_proj`` then ``c_proj`` at every location (ResNet). No query/key attention.
+- ``raw``: the unmodified last block (the baseline MaskCLIP improves on).
+- ``sclip``: correlative attention ``softmax(qq^T s) + softmax(kk^T s)``, then residual and MLP.
+- ``clearclip``: ``out_proj(softmax(qq^T s) v)``, no residual, no MLP.
+- ``naclip``: ``out_proj(softmax(kk^T s + G) v)`` with a Gaussian neighbourhood bias G, no residual,
+  no MLP.
+Positional embeddings are interpolated bicubically to the input grid, so any input size works.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RULES = ("maskclip", "raw", "sclip", "clearclip", "naclip")
+RESNET_RULES = ("maskclip", "raw")
+NACLIP_SIGMA = 5.0
+
+
+@dataclass
+class DenseOutput:
+    features: torch.Tensor  # (B, D, h, w) float32, L2-normalised along D
+    keys: torch.Tensor | None  # (B, h*w, K) float32, L2-normalised keys of the last attention
+
+
+def _interpolate_grid_embedding(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> torch.Tensor:
+    """Resize a (prefix + g*g, C) positional embedding to (prefix + h*w, C), bicubic."""
+    n = pos.shape[0] - prefix
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"positional embedding of {n} tokens is not a square grid")
+    if (side, side) == tuple(grid):
+        return pos
+    patch = pos[prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch.float(), size=grid, mode="bicubic", align_corners=False).to(pos.dtype)
+    return torch.cat([pos[:prefix], patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
+
+
+def neighbourhood_bias(grid: tuple[int, int], sigma: float = NACLIP_SIGMA, prefix: int = 1,
+                       device=None, dtype=torch.float32) -> torch.Tensor:
+    """NACLIP's G: Gaussian of squared grid distance between patches; 0 for the class token."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).to(dtype)
+    gauss = torch.exp(-torch.cdist(pos, pos).pow(2) / (2 * sigma ** 2))
+    return F.pad(gauss, (prefix, 0, prefix, 0))
+
+
+class CLIPBackbone(nn.Module):
+    """Adapter over an open_clip CLIP model: text embeddings and dense image features."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.clip = clip_model
+        visual = clip_model.visual
+        if hasattr(visual, "attnpool"):
+            self.kind = "resnet"
+            self.stride = 32
+            self.embed_dim = visual.attnpool.c_proj.out_features
+        elif hasattr(visual, "conv1") and hasattr(visual, "transformer"):
+            self.kind = "vit"
+            if getattr(visual, "attn_pool", None) is not None:
+                raise NotImplementedError("ViTs with an attentional pooler are not supported (no token-level path)")
+            last = visual.transformer.resblocks[-1]
+            if not isinstance(getattr(last, "attn", None), nn.MultiheadAttention):
+                raise NotImplementedError("only ViTs built from open_clip's default residual blocks are supported")
+            self.stride = visual.conv1.stride[0]
+            self.embed_dim = visual.proj.shape[1]
+        else:
+            raise NotImplementedError(
+                f"image tower {type(visual).__name__} is not supported; vocaseg needs a ViT or ModifiedResNet tower")
+        size = visual.image_size if hasattr(visual, "image_size") else getattr(visual, "input_resolution", 224)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    # ----------------------------------------------------------------- text
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+
+    # ----------------------------------------------------------------- image
+    @torch.no_grad()
+    def dense(self, pixels: torch.Tensor, rule: str = "maskclip", with_keys: bool = False) -> DenseOutput:
+        """pixels (B,3,H,W) normalised -> features (B,D,H/s,W/s); H and W must be multiples of the stride."""
+        if rule not in RULES:
+            raise ValueError(f"unknown method {rule!r}; choose one of {', '.join(RULES)}")
+        if pixels.shape[-1] % self.stride or pixels.shape[-2] % self.stride:
+            raise ValueError(f"input size {tuple(pixels.shape[-2:])} is not a multiple of the stride {self.stride}")
+        if self.kind == "vit":
+            return self._dense_vit(pixels, rule, with_keys)
+        if rule not in RESNET_RULES:
+            raise NotImplementedError(
+                f"method {rule!r} is defined for ViT image towers; ResNet towers support {', '.join(RESNET_RULES)}")
+        return self._dense_resnet(pixels, rule, with_keys)
+
+    def _vit_tokens_before_last_block(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        visual = self.clip.visual
+        x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + _interpolate_grid_embedding(visual.positional_embedding, grid).to(x.dtype)
+        x = visual.ln_pre(x)
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in visual.transformer.resblocks[:-1]:
+            x = block(x)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        return x, grid
+
+    def _dense_vit(self, pixels: torch.Tensor, rule: str, with_keys: bool) -> DenseOutput:
+        visual = self.clip.visual
+        x, grid = self._vit_tokens_before_last_block(pixels)
+        block = visual.transformer.resblocks[-1]
+        attn: nn.MultiheadAttention = block.attn
+        b, n, c = x.shape
+        heads = attn.num_heads
+        q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+
+        def split(t):  # (B, N, C) -> (B, heads, N, C/heads)
+            return t.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+        def merge(t):
+            return t.transpose(1, 2).reshape(b, n, c)
+
+        if rule == "maskclip":
+            z = x + block.ls_1(attn.out_proj(v))
+            z = z + block.ls_2(block.mlp(block.ln_2(z)))
+        else:
+            qh, kh, vh = split(q), split(k), split(v)
+            if rule == "raw":
+                mixed = F.scaled_dot_product_attention(qh, kh, vh)
+            elif rule == "sclip":
+                mixed = F.scaled_dot_product_attention(qh, qh, vh) + F.scaled_dot_product_attention(kh, kh, vh)
+            elif rule == "clearclip":
+                mixed = F.scaled_dot_product_attention(qh, qh, vh)
+            else:  # naclip
+                bias = neighbourhood_bias(grid, device=x.device, dtype=qh.dtype)
+                mixed = F.scaled_dot_product_attention(kh, kh, vh, attn_mask=bias)
+            out = attn.out_proj(merge(mixed))
+            if rule in ("raw", "sclip"):
+                z = x + block.ls_1(out)
+                z = z + block.ls_2(block.mlp(block.ln_2(z)))
+            else:  # clearclip / naclip drop the residual and the MLP
+                z = out
+        f = visual.ln_post(z[:, 1:]) @ visual.proj
+        features = F.normalize(f.float(), dim=-1).transpose(1, 2).reshape(b, -1, *grid)
+        keys = F.normalize(k[:, 1:].float(), dim=-1) if with_keys else None
+        return DenseOutput(features, keys)
+
+    def _dense_resnet(self, pixels: torch.Tensor, rule: str, with_keys: bool) -> DenseOutput:
+        visual = self.clip.visual
+        x = visual.stem(pixels.to(visual.conv1.weight.dtype))
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+        b, c, h, w = x.shape
+        pool = visual.attnpool
+        tokens = x.flatten(2).transpose(1, 2)  # (B, hw, C)
+        if rule == "maskclip":
+            f = pool.c_proj(pool.v_proj(tokens))
+        else:  # raw: attention pooling with every location as a query (the mean token stays a key)
+            seq = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+            seq = seq + _interpolate_grid_embedding(pool.positional_embedding, (h, w)).to(seq.dtype)
+            heads = pool.num_heads
+            q, k, v = (proj(seq).reshape(b, h * w + 1, heads, -1).transpose(1, 2)
+                       for proj in (pool.q_proj, pool.k_proj, pool.v_proj))
+            mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w + 1, -1)
+            f = pool.c_proj(mixed)[:, 1:]
+        features = F.normalize(f.float(), dim=-1).transpose(1, 2).reshape(b, -1, h, w)
+        keys = F.normalize(pool.k_proj(tokens).float(), dim=-1) if with_keys else None
+        return DenseOutput(features, keys)

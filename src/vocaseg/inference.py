@@ -1,0 +1,444 @@
+"""Training-free segmentation: the Segmenter API, whole / sliding-window / multi-scale inference.
+
+Pipeline for a batch of images (all steps on ``device``):
+1. keep-ratio resize so the short side is ``short_side`` (long side at most ``max_long_side``);
+2. cut every image into windows (``slide``) or take it whole (padded to the patch stride); windows
+   of *all* images go through the backbone together, ``batch_size`` at a time;
+3. per window: cosine logits against the text classifier (max over a class's synonyms), optional
+   key smoothing, bilinear upsampling to the window's pixels, averaging where windows overlap;
+4. per image: multi-scale average, prompt denoising, area threshold, optional PAMR;
+5. at the original size: ``softmax(logit_scale * logits)``, probability threshold -> background.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbone import RULES, CLIPBackbone
+from .images import ImageInput, read_image
+from .vocabulary import TextEmbeddingCache, Vocabulary, VocabularyError, resolve_templates
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+REFINE_TEMPERATURE = 100.0  # MaskCLIP's softmax(100 * cosine) for key smoothing / prompt denoising
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How images are fed to the model and how scores become labels.
+
+    short_side: resize so the short side is this many pixels (None: keep the size; 0: 1.5x the
+        model's input size, which is SCLIP's 336 for a 224 model).
+    mode: ``slide`` (windows of ``window`` px every ``stride`` px) or ``whole`` (one pass per image).
+    window / stride: None means the model's input size / half of it.
+    scales: multi-scale factors applied to ``short_side``; logits are averaged.
+    key_smoothing / prompt_denoising: a confidence threshold (MaskCLIP uses 0.5), or None for off.
+    pamr: pixel-adaptive mask refinement on the probabilities, guided by the image.
+    """
+
+    mode: str = "slide"
+    short_side: int | None = 0
+    max_long_side: int = 2048
+    window: int | None = None
+    stride: int | None = None
+    scales: tuple[float, ...] = (1.0,)
+    logit_scale: float = 40.0
+    prob_threshold: float | None = None
+    area_threshold: float | None = None
+    key_smoothing: float | None = None
+    prompt_denoising: float | None = None
+    pamr: bool = False
+    batch_size: int = 16
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU; or fp32 / bf16 / fp16
+
+    def __post_init__(self):
+        if self.mode not in ("slide", "whole"):
+            raise ValueError(f"mode must be 'slide' or 'whole', not {self.mode!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
+        for name in ("key_smoothing", "prompt_denoising"):  # accept True as "on, default threshold"
+            value = getattr(self, name)
+            if value is True:
+                object.__setattr__(self, name, 0.5)
+            elif value is False:
+                object.__setattr__(self, name, None)
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+
+
+CONFIG_FIELDS = {f.name for f in fields(InferenceConfig)}
+
+
+@dataclass
+class SegmentationResult:
+    """Per-image output. ``labels``/``probs`` are computed at the input size on first access."""
+
+    classes: list[str]
+    size: tuple[int, int]  # (H, W) of the input image
+    logits: torch.Tensor  # (C, h, w) cosine scores at the processing resolution
+    logit_scale: float
+    prob_threshold: float | None = None
+    background_index: int | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def _full_resolution(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if "labels" not in self._cache:
+            labels, probs = upsample_and_label(self.logits, self.size, self.logit_scale, self.prob_threshold,
+                                               self.background_index, keep_probs="probs_wanted" in self._cache)
+            self._cache["labels"], self._cache["probs"] = labels, probs
+        return self._cache["labels"], self._cache["probs"]
+
+    def labels_tensor(self) -> torch.Tensor:
+        """(H, W) int64 on the logits' device (for metrics that stay on the GPU)."""
+        return self._full_resolution()[0]
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """(H, W) int64 indices into ``classes``."""
+        return self.labels_tensor().cpu().numpy()
+
+    @cached_property
+    def probs(self) -> np.ndarray:
+        """(C, H, W) float32 softmax probabilities (C x H x W memory: ask only when needed)."""
+        if self._cache.get("probs") is None:
+            self._cache.pop("labels", None)
+            self._cache["probs_wanted"] = True
+        return self._full_resolution()[1].cpu().numpy()
+
+    def fractions(self) -> dict[str, float]:
+        """Share of the image's pixels given to each class."""
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.classes))
+        return {name: float(c) / self.labels.size for name, c in zip(self.classes, counts)}
+
+
+def upsample_and_label(logits: torch.Tensor, size: tuple[int, int], logit_scale: float,
+                       prob_threshold: float | None, background_index: int | None,
+                       keep_probs: bool = False, max_elements: int = 1 << 24):
+    """Bilinear upsampling to ``size`` (== F.interpolate, align_corners=False), softmax, argmax.
+
+    Works in horizontal strips through grid_sample so that memory stays bounded for huge images.
+    """
+    c, h, w = logits.shape
+    height, width = size
+    rows_per_strip = max(1, max_elements // max(1, c * width))
+    xs = (torch.arange(width, device=logits.device, dtype=torch.float32) + 0.5) * (w / width) - 0.5
+    xs = (2 * xs.clamp(min=0) + 1) / w - 1
+    labels = torch.empty((height, width), dtype=torch.int64, device=logits.device)
+    probs = torch.empty((c, height, width), dtype=torch.float32, device=logits.device) if keep_probs else None
+    source = logits.float().unsqueeze(0)
+    for r0 in range(0, height, rows_per_strip):
+        r1 = min(height, r0 + rows_per_strip)
+        ys = (torch.arange(r0, r1, device=logits.device, dtype=torch.float32) + 0.5) * (h / height) - 0.5
+        ys = (2 * ys.clamp(min=0) + 1) / h - 1
+        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1).unsqueeze(0)
+        strip = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        p = torch.softmax(logit_scale * strip, dim=0)
+        conf, lab = p.max(0)
+        if prob_threshold is not None and background_index is not None:
+            lab[conf < prob_threshold] = background_index
+        labels[r0:r1] = lab
+        if probs is not None:
+            probs[:, r0:r1] = p
+    return labels, probs
+
+
+def resize_short_side(h: int, w: int, short: int | None, max_long: int) -> tuple[int, int]:
+    if not short:
+        return h, w
+    scale = min(short / min(h, w), max_long / max(h, w))
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets along one axis (mmsegmentation's slide rule: last window flush with the edge)."""
+    n = max(length - window + stride - 1, 0) // stride + 1
+    return sorted({max(min(i * stride, length - window), 0) for i in range(n)})
+
+
+def key_smoothing(logits: torch.Tensor, keys: torch.Tensor, threshold: float) -> torch.Tensor:
+    """MaskCLIP KS on one batch: logits (B,C,h,w), keys (B,h*w,K) normalised -> logits (B,C,h,w).
+
+    Where the max class probability p = softmax(100 * logits) is below ``threshold``, p_i becomes
+    sum_j (k_i . k_j) p_j; returned as log-probabilities / 100 so the logit scale stays consistent.
+    """
+    b, c, h, w = logits.shape
+    p = torch.softmax(REFINE_TEMPERATURE * logits.flatten(2), dim=1)  # (B, C, N)
+    smoothed = torch.einsum("bnk,bmk,bcm->bcn", keys, keys, p).clamp_min(1e-8)
+    smoothed = torch.log(smoothed / smoothed.sum(1, keepdim=True)) / REFINE_TEMPERATURE
+    low = p.max(1, keepdim=True).values < threshold
+    return torch.where(low, smoothed, logits.flatten(2)).reshape(b, c, h, w)
+
+
+def prompt_denoising(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """MaskCLIP PD on one image: logits (C,h,w); classes whose max prob is below t are dropped."""
+    p = torch.softmax(REFINE_TEMPERATURE * logits, dim=0)
+    keep = p.flatten(1).max(1).values >= threshold
+    if not keep.any():
+        keep[p.flatten(1).max(1).values.argmax()] = True
+    return logits.masked_fill(~keep[:, None, None], float("-inf"))
+
+
+def pamr(image: torch.Tensor, probs: torch.Tensor, iterations: int = 10,
+         dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> torch.Tensor:
+    """Pixel-adaptive mask refinement (Araslanov & Roth, 2020): propagate probabilities to
+    neighbours of similar colour. image (3,h,w) float, probs (C,h,w) -> refined (C,h,w)."""
+
+    def neighbours(x: torch.Tensor) -> torch.Tensor:  # (K,h,w) -> (K, 8*len(dilations), h, w)
+        out = []
+        for d in dilations:
+            padded = F.pad(x[None], (d, d, d, d), mode="replicate")[0]
+            h, w = x.shape[-2:]
+            for dy in (-d, 0, d):
+                for dx in (-d, 0, d):
+                    if dy or dx:
+                        out.append(padded[:, d + dy:d + dy + h, d + dx:d + dx + w])
+        return torch.stack(out, dim=1)
+
+    img = image.float()
+    diff = (neighbours(img) - img[:, None]).abs()  # (3, K, h, w)
+    std = neighbours(img).std(dim=1, keepdim=True) + 1e-8
+    affinity = torch.softmax(-(diff / (0.1 * std)).mean(0), dim=0)  # (K, h, w)
+    for _ in range(iterations):
+        probs = (neighbours(probs) * affinity[None]).sum(1)
+    return probs
+
+
+class Segmenter:
+    """Open-vocabulary segmentation with a frozen CLIP: name the classes, get a label map.
+
+    >>> seg = Segmenter.from_pretrained("toy")                 # doctest: +SKIP
+    >>> res = seg.predict("street.jpg", classes=["car", "road", "tree, bush"])  # doctest: +SKIP
+    >>> res.labels.shape, res.probs.shape                      # doctest: +SKIP
+    """
+
+    def __init__(self, clip_model: torch.nn.Module, tokenizer, method: str = "maskclip",
+                 templates: Sequence[str] | str | None = None, *, mean: Sequence[float] = OPENAI_MEAN,
+                 std: Sequence[float] = OPENAI_STD, device: str | torch.device | None = None,
+                 model_id: str | None = None, cache_dir: str | None = None, **config):
+        if method not in RULES:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RULES)}")
+        unknown = set(config) - CONFIG_FIELDS
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; options are {sorted(CONFIG_FIELDS)}")
+        if device is None:
+            device = next(clip_model.parameters()).device
+        self.device = torch.device(device)
+        self.backbone = CLIPBackbone(clip_model.to(self.device).eval())
+        if method not in ("maskclip", "raw") and self.backbone.kind == "resnet":
+            raise NotImplementedError(f"method {method!r} needs a ViT image tower; ResNets support maskclip and raw")
+        self.tokenizer = tokenizer
+        self.method = method
+        self.templates = resolve_templates(templates)
+        self.config = InferenceConfig(**config)
+        self.mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(3, 1, 1)
+        # text embeddings go to disk only when the weights have a stable identity (tag or file)
+        self.model_id = model_id
+        self.text_cache = TextEmbeddingCache(cache_dir, enabled=model_id is not None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, name: str, pretrained: str | None = "default", method: str = "maskclip",
+                        device: str | torch.device = "cpu", templates: Sequence[str] | str | None = None,
+                        cache_dir: str | None = None, quick_gelu: bool | None = None, **config) -> "Segmenter":
+        """Load an open_clip model (``name`` + ``pretrained`` tag or file; ``"toy"`` is shipped)."""
+        from .loading import load_clip
+
+        if method not in RULES:  # fail before loading any weights
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RULES)}")
+        loaded = load_clip(name, pretrained=pretrained, device=device, quick_gelu=quick_gelu)
+        model_id = f"{name}|{loaded.pretrained}" if loaded.pretrained is not None else None
+        return cls(loaded.model, loaded.tokenizer, method=method, templates=templates, mean=loaded.mean,
+                   std=loaded.std, device=device, model_id=model_id, cache_dir=cache_dir, **config)
+
+    def with_options(self, method: str | None = None, **config) -> "Segmenter":
+        """A view of this segmenter with other inference options (shares the model and text cache)."""
+        other = object.__new__(Segmenter)
+        other.__dict__.update(self.__dict__)
+        if method is not None:
+            if method not in RULES:
+                raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RULES)}")
+            other.method = method
+        other.config = replace(self.config, **config)
+        return other
+
+    # ------------------------------------------------------------------ encoders
+    @torch.no_grad()
+    def encode_text(self, names: Sequence[str]) -> torch.Tensor:
+        """(len(names), D) float32, L2-normalised, averaged over the templates (each name as given)."""
+        out = [None] * len(names)
+        missing = []
+        for i, name in enumerate(names):
+            key = TextEmbeddingCache.key(self.model_id or f"unsaved-{id(self.backbone)}", self.templates, name)
+            hit = self.text_cache.get(key)
+            if hit is None:
+                missing.append((i, name, key))
+            else:
+                out[i] = hit.to(self.device)
+        if missing:
+            prompts = [t.format(name) for _, name, _ in missing for t in self.templates]
+            feats = []
+            for start in range(0, len(prompts), 256):
+                tokens = self.tokenizer(prompts[start:start + 256]).to(self.device)
+                feats.append(self.backbone.encode_text(tokens))
+            feats = torch.cat(feats).view(len(missing), len(self.templates), -1)
+            emb = F.normalize(feats.mean(1), dim=-1)
+            for (i, _, key), e in zip(missing, emb):
+                self.text_cache.put(key, e)
+                out[i] = e
+        return torch.stack(out).float()
+
+    def _autocast(self):
+        prec = self.config.precision
+        if self.device.type == "cuda" and prec != "fp32":
+            dtype = torch.float16 if prec == "fp16" else torch.bfloat16
+            return torch.autocast("cuda", dtype=dtype)
+        if prec in ("bf16",) and self.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    @torch.no_grad()
+    def encode_dense(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B,3,H,W), normalised with the model's mean/std -> (B, D, H/p, W/p), L2-normalised."""
+        with self._autocast():
+            return self.backbone.dense(pixels.to(self.device), self.method).features.float()
+
+    # ------------------------------------------------------------------ prediction
+    def vocabulary(self, classes: Sequence[str] | str | Vocabulary,
+                   background: bool | Sequence[str] | None = None) -> Vocabulary:
+        vocab = classes if isinstance(classes, Vocabulary) else Vocabulary.parse(classes)
+        if background:
+            vocab = vocab.with_background(("background",) if background is True else tuple(background))
+        elif self.config.prob_threshold is not None and "background" not in vocab.names:
+            vocab = vocab.with_background(())  # a class that only the probability threshold assigns
+        return vocab
+
+    def predict(self, image: ImageInput, classes: Sequence[str] | str | Vocabulary,
+                background: bool | Sequence[str] | None = None) -> SegmentationResult:
+        """Segment one image (path, PIL image or HxWx3 uint8 array) into ``classes``."""
+        return self.predict_batch([image], classes, background)[0]
+
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence[ImageInput], classes: Sequence[str] | str | Vocabulary,
+                      background: bool | Sequence[str] | None = None) -> list[SegmentationResult]:
+        """Segment many images at once; all their windows share forward passes."""
+        vocab = self.vocabulary(classes, background)
+        arrays = [read_image(im) for im in images]
+        return self._segment(arrays, vocab)
+
+    def _classifier(self, vocab: Vocabulary) -> tuple[torch.Tensor, torch.Tensor, int]:
+        names, owner = vocab.prompt_names()
+        text = self.encode_text(names) if names else torch.zeros(0, self.backbone.embed_dim, device=self.device)
+        return text, torch.tensor(owner, device=self.device, dtype=torch.long), len(vocab)
+
+    def _window_logits(self, pixels: torch.Tensor, classifier) -> torch.Tensor:
+        """(B,3,H,W) windows -> (B, C, H, W) cosine logits (max over each class's names)."""
+        text, owner, num_classes = classifier
+        cfg = self.config
+        with self._autocast():
+            out = self.backbone.dense(pixels, self.method, with_keys=cfg.key_smoothing is not None)
+        feats = out.features.float()
+        b, _, gh, gw = feats.shape
+        name_logits = torch.einsum("bdhw,nd->bnhw", feats, text)
+        logits = torch.full((b, num_classes, gh, gw), float("-inf"), device=feats.device)
+        if len(owner):
+            logits.scatter_reduce_(1, owner.view(1, -1, 1, 1).expand_as(name_logits), name_logits, "amax")
+        if cfg.key_smoothing is not None:
+            logits = key_smoothing(logits.clamp_min(-1.0), out.keys.float(), cfg.key_smoothing)
+        return F.interpolate(logits.clamp_min(-10.0), size=pixels.shape[-2:], mode="bilinear",
+                             align_corners=False)
+
+    def _prepare(self, array: np.ndarray, short_side: int | None) -> torch.Tensor:
+        img = torch.from_numpy(array).to(self.device).permute(2, 0, 1).float().div_(255)
+        h, w = img.shape[-2:]
+        nh, nw = resize_short_side(h, w, short_side, self.config.max_long_side)
+        if (nh, nw) != (h, w):
+            img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False,
+                                antialias=nh < h)[0].clamp_(0, 1)
+        return img
+
+    def _segment(self, arrays: list[np.ndarray], vocab: Vocabulary) -> list[SegmentationResult]:
+        cfg = self.config
+        classifier = self._classifier(vocab)
+        num_classes = len(vocab)
+        native = self.backbone.image_size
+        base_short = int(round(1.5 * native)) if cfg.short_side == 0 else cfg.short_side
+        window = cfg.window or native
+        stride = cfg.stride or max(1, window // 2)
+        step = self.backbone.stride
+        if cfg.mode == "slide" and window % step:
+            raise ValueError(f"window {window} must be a multiple of the model's patch size {step}")
+
+        merged: list[torch.Tensor | None] = [None] * len(arrays)
+        base_images: list[torch.Tensor] = []
+        for si, scale in enumerate(cfg.scales):
+            short = None if base_short is None else max(step, int(round(base_short * scale)))
+            images = [self._prepare(a, short) for a in arrays]
+            if si == 0:
+                base_images = images if scale == 1.0 else [self._prepare(a, base_short) for a in arrays]
+            canvases = [torch.zeros((num_classes,) + im.shape[-2:], device=self.device) for im in images]
+            counts = [torch.zeros((1,) + im.shape[-2:], device=self.device) for im in images]
+            # every window of every image: (image index, y, x, h, w, padded height, padded width)
+            jobs = []
+            for i, im in enumerate(images):
+                h, w = im.shape[-2:]
+                if cfg.mode == "whole":
+                    jobs.append((i, 0, 0, h, w, math.ceil(h / step) * step, math.ceil(w / step) * step))
+                else:
+                    for y in window_starts(h, window, stride):
+                        for x in window_starts(w, window, stride):
+                            jobs.append((i, y, x, min(window, h - y), min(window, w - x), window, window))
+            # group by padded shape (slide: one group), then run batch_size windows per forward
+            by_shape: dict[tuple[int, int], list] = {}
+            for job in jobs:
+                by_shape.setdefault(job[5:], []).append(job)
+            for (ph, pw), group in by_shape.items():
+                for start in range(0, len(group), cfg.batch_size):
+                    chunk = group[start:start + cfg.batch_size]
+                    batch = torch.zeros((len(chunk), 3, ph, pw), device=self.device)
+                    for k, (i, y, x, h, w, _, _) in enumerate(chunk):
+                        batch[k, :, :h, :w] = (images[i][:, y:y + h, x:x + w] - self.mean) / self.std
+                    logits = self._window_logits(batch, classifier)
+                    for k, (i, y, x, h, w, _, _) in enumerate(chunk):
+                        canvases[i][:, y:y + h, x:x + w] += logits[k, :, :h, :w]
+                        counts[i][:, y:y + h, x:x + w] += 1
+            for i in range(len(arrays)):
+                logits = canvases[i] / counts[i]
+                target = base_images[i].shape[-2:]
+                if logits.shape[-2:] != target:
+                    logits = F.interpolate(logits[None], size=target, mode="bilinear", align_corners=False)[0]
+                merged[i] = logits if merged[i] is None else merged[i] + logits
+        results = []
+        background = 0 if vocab.names and vocab.names[0] == "background" else None
+        for i, array in enumerate(arrays):
+            logits = merged[i] / len(cfg.scales)
+            logits = self._postprocess(logits, base_images[i], background)
+            results.append(SegmentationResult(
+                classes=vocab.names, size=tuple(array.shape[:2]), logits=logits, logit_scale=cfg.logit_scale,
+                prob_threshold=cfg.prob_threshold, background_index=background))
+        return results
+
+    def _postprocess(self, logits: torch.Tensor, image: torch.Tensor, background: int | None) -> torch.Tensor:
+        cfg = self.config
+        if cfg.prompt_denoising is not None:
+            logits = prompt_denoising(logits, cfg.prompt_denoising)
+        if cfg.area_threshold is not None:
+            # SCLIP: a class predicted on less than this share of the image is removed
+            pred = logits.argmax(0)
+            share = torch.bincount(pred.flatten(), minlength=logits.shape[0]).float() / pred.numel()
+            small = share < cfg.area_threshold
+            if background is not None:
+                small[background] = False
+            if not small.all():
+                logits = logits.masked_fill(small[:, None, None], float("-inf"))
+        if cfg.pamr:
+            probs = torch.softmax(cfg.logit_scale * logits, dim=0)
+            probs = pamr(image, probs)
+            logits = torch.log(probs.clamp_min(1e-8)) / cfg.logit_scale
+        return logits.clamp_min(-10.0)

@@ -1,0 +1,170 @@
+"""Class vocabularies, prompt templates and the text-embedding cache.
+
+A class is one or more names (synonyms): ``"tv monitor, television, screen"``; its score at a pixel
+is the maximum over its names. The text embedding of a name is the mean over prompt templates of
+normalised text features, normalised again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+# OpenAI's 80 ImageNet prompt templates, as format strings.
+IMAGENET_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+# MaskCLIP adds five scene templates to those 80.
+SCENE_TEMPLATES: tuple[str, ...] = (
+    "there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
+    "this is the {} in the scene.", "this is one {} in the scene.",
+)
+DEFAULT_TEMPLATES: tuple[str, ...] = IMAGENET_TEMPLATES + SCENE_TEMPLATES  # 85, as MaskCLIP
+TEMPLATE_SETS = {"maskclip85": DEFAULT_TEMPLATES, "imagenet80": IMAGENET_TEMPLATES, "plain": ("{}",),
+                 "photo": ("a photo of a {}.",)}
+
+# SCLIP's VOC background: one "background" class that scores as the best of these stuff words.
+VOC_BACKGROUND_WORDS: tuple[str, ...] = (
+    "sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands", "desk", "bed",
+    "building", "cloud", "lamp", "door", "window", "wardrobe", "ceiling", "shelf", "curtain", "stair",
+    "floor", "hill", "rail", "fence",
+)
+
+
+class VocabularyError(ValueError):
+    """An unusable class list (empty, duplicate, malformed)."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Classes, each a tuple of names to score; ``labels`` are display names (default: first name)."""
+
+    classes: tuple[tuple[str, ...], ...]
+    labels: tuple[str, ...] | None = None
+
+    @classmethod
+    def parse(cls, classes: Sequence[str] | str) -> "Vocabulary":
+        """Build from a list of entries ("dog, puppy" = one class, two names) or one CLI string.
+
+        A single string is split into classes at ';' when it has one, else at ','
+        ("cat, dog, grass" = three classes; "tv, television; cat" = two classes, the first with a synonym).
+        """
+        if isinstance(classes, str):
+            sep = ";" if ";" in classes else ","
+            entries = [[n.strip() for n in e.split(",")] if sep == ";" else [e.strip()]
+                       for e in classes.split(sep)]
+        else:
+            entries = [[n.strip() for n in str(e).split(",")] for e in classes]
+        entries = [tuple(n for n in names if n) for names in entries]
+        entries = [names for names in entries if names]
+        if not entries:
+            raise VocabularyError("the class list is empty: name at least one class, e.g. --classes \"cat, dog, grass\"")
+        seen: dict[str, str] = {}
+        for names in entries:
+            for name in names:
+                key = name.lower()
+                if key in seen:
+                    raise VocabularyError(
+                        f"duplicate class name {name!r} (also in class {seen[key]!r}); each name may appear once")
+                seen[key] = names[0]
+        return cls(tuple(entries))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Vocabulary":
+        """One class per line, synonyms separated by commas; blank lines and '#' comments ignored."""
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            raise VocabularyError(f"cannot read class file {path}: {err.strerror}") from err
+        return cls.parse([ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")])
+
+    @property
+    def names(self) -> list[str]:
+        """Display names, one per class."""
+        return list(self.labels) if self.labels else [names[0] for names in self.classes]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def with_background(self, words: Sequence[str] = ("background",)) -> "Vocabulary":
+        """Prepend a class shown as "background" (index 0) and scored as the best of ``words``."""
+        if "background" in (n.lower() for n in self.names):
+            raise VocabularyError("the class list already has a 'background' class; do not add another")
+        return Vocabulary((tuple(words),) + self.classes, ("background",) + tuple(self.names))
+
+    def prompt_names(self) -> tuple[list[str], list[int]]:
+        """All names to embed, and the class index of each."""
+        names, owner = [], []
+        for i, cls_names in enumerate(self.classes):
+            names.extend(cls_names)
+            owner.extend([i] * len(cls_names))
+        return names, owner
+
+
+def resolve_templates(templates: Sequence[str] | str | None) -> tuple[str, ...]:
+    if templates is None:
+        return DEFAULT_TEMPLATES
+    if isinstance(templates, str):
+        if templates in TEMPLATE_SETS:
+            return TEMPLATE_SETS[templates]
+        path = Path(templates)
+        if path.is_file():
+            templates = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        else:
+            raise VocabularyError(
+                f"unknown template set {templates!r}: use one of {', '.join(TEMPLATE_SETS)} or a file, one template per line")
+    templates = tuple(templates)
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise VocabularyError(f"each template needs exactly one '{{}}' for the class name; bad: {bad[:3]}")
+    return templates
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VOCASEG_CACHE", Path.home() / ".cache" / "vocaseg")) / "text"
+
+
+class TextEmbeddingCache:
+    """Memory + on-disk cache of per-name text embeddings, keyed by model, templates and name."""
+
+    def __init__(self, directory: str | os.PathLike | None = None, enabled: bool = True):
+        self.directory = Path(directory) if directory else default_cache_dir()
+        self.enabled = enabled
+        self.memory: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def key(model_id: str, templates: Sequence[str], name: str) -> str:
+        blob = json.dumps([model_id, list(templates), name], ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key in self.memory:
+            return self.memory[key]
+        if self.enabled:
+            path = self.directory / f"{key}.pt"
+            if path.is_file():
+                try:
+                    value = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception:  # a corrupt cache entry is recomputed, never fatal
+                    return None
+                self.memory[key] = value
+                return value
+        return None
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().float().cpu()
+        self.memory[key] = value
+        if self.enabled:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                tmp = self.directory / f".{key}.{os.getpid()}.tmp"
+                torch.save(value, tmp)
+                os.replace(tmp, self.directory / f"{key}.pt")
+            except OSError:
+                pass  # a read-only home is no reason to fail a segmentation

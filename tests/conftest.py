@@ -1,0 +1,51 @@
+import os
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_clip(kind: str = "vit", seed: int = 0) -> torch.nn.Module:
+    """A small random open_clip CLIP (fast on CPU) with a ViT or a ModifiedResNet image tower."""
+    torch.manual_seed(seed)
+    if kind == "vit":
+        vision = dict(image_size=64, patch_size=16, width=64, layers=2, head_width=16)
+    else:
+        vision = dict(image_size=64, layers=(1, 1, 1, 1), width=16, head_width=16)
+    text = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).eval()
+    # random init leaves some parameters at zero/one; perturb so that every path matters in checks
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return open_clip.get_tokenizer("", context_length=16)
+
+
+@pytest.fixture(scope="session")
+def vit_model():
+    return tiny_clip("vit")
+
+
+@pytest.fixture(scope="session")
+def resnet_model():
+    return tiny_clip("resnet")
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent (real samples are only in the development checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VOCASEG_CACHE", str(tmp_path / "cache"))
