@@ -30,6 +30,10 @@ class WeightsUnavailableError(RuntimeError):
     """The requested weights cannot be had here (offline and not cached, or a missing file)."""
 
 
+class ModelNotFoundError(ValueError):
+    """An unknown architecture name, or a checkpoint that does not fit the architecture."""
+
+
 @dataclass
 class LoadedCLIP:
     model: torch.nn.Module
@@ -154,7 +158,7 @@ def load_clip(
     name = name.replace("/", "-")
     if name not in open_clip.list_models():
         close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
-        raise ValueError(
+        raise ModelNotFoundError(
             f"unknown model {name!r}. Did you mean: {', '.join(close) or '-'}? "
             "(`python -c 'import open_clip; print(open_clip.list_models())'` lists all; 'toy' is the shipped one)")
 
@@ -171,7 +175,7 @@ def load_clip(
             try:
                 open_clip.load_checkpoint(model, pretrained, strict=True)
             except RuntimeError as err:
-                raise ValueError(f"checkpoint {pretrained} does not fit architecture {name!r}: "
+                raise ModelNotFoundError(f"checkpoint {pretrained} does not fit architecture {name!r}: "
                                  f"{str(err).splitlines()[0]}") from err
     elif isinstance(pretrained, str) and (os.sep in pretrained or pretrained.endswith(
             (".pt", ".pth", ".bin", ".safetensors"))):

@@ -69,8 +69,9 @@ class Vocabulary:
             for name in names:
                 key = name.lower()
                 if key in seen:
-                    raise VocabularyError(
-                        f"duplicate class name {name!r} (also in class {seen[key]!r}); each name may appear once")
+                    where = "listed twice" if seen[key] == names[0] or seen[key].lower() == key else \
+                        f"also a name of class {seen[key]!r}"
+                    raise VocabularyError(f"duplicate class name {name!r} ({where}); each name may appear once")
                 seen[key] = names[0]
         return cls(tuple(entries))
 

@@ -1,0 +1,393 @@
+"""``vocaseg``: a thin command-line layer over the Python API.
+
+  vocaseg demo                                  # offline: synth scenes + the shipped toy CLIP
+  vocaseg segment photo.jpg --classes "cat, dog, grass" --out out/
+  vocaseg eval --dataset voc21 --data-root data/VOCdevkit --out voc21.json
+  vocaseg score --dataset ade150 --data-root data/ade --pred-dir preds/ --out ade.json
+  vocaseg train clip --out runs/toy
+  vocaseg bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG_MODELS = """\
+models: any open_clip architecture with a ViT or ResNet image tower (ViT-B-16, ViT-L-14, RN50, ...)
+  --pretrained default   OpenAI weights where open_clip has them (downloads once, then cached)
+  --pretrained TAG       any open_clip tag, e.g. laion2b_s34b_b88k
+  --pretrained FILE      a local checkpoint: OpenAI .pt, open_clip .bin/.pt/.safetensors
+  --pretrained none      random weights (for testing)
+  --model toy            the small CLIP shipped with vocaseg (trained on the synthetic world; offline)
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16") -> None:
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", default=default_model, help=f"open_clip architecture, 'toy', or a folder with "
+                   f"open_clip_config.json (default: {default_model})")
+    g.add_argument("--pretrained", default="default", help="weights: 'default', an open_clip tag, a file, or 'none'")
+    g.add_argument("--method", default="maskclip", choices=["maskclip", "raw", "sclip", "clearclip", "naclip"],
+                   help="how the last block forms dense features (default: maskclip)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--templates", default=None,
+                   help="prompt templates: maskclip85 (default for segment), imagenet80, plain, photo, or a file")
+    g.add_argument("--key-smoothing", type=float, nargs="?", const=0.5, default=None, metavar="T",
+                   help="MaskCLIP key smoothing below confidence T (default T: 0.5)")
+    g.add_argument("--prompt-denoising", type=float, nargs="?", const=0.5, default=None, metavar="T",
+                   help="MaskCLIP prompt denoising: drop classes never above confidence T (default T: 0.5)")
+    g.add_argument("--pamr", action="store_true", help="refine masks along image edges (PAMR)")
+    g = p.add_argument_group("inference (defaults: the dataset's protocol, or SCLIP-style for segment)")
+    g.add_argument("--mode", choices=["slide", "whole"], default=None)
+    g.add_argument("--short-side", type=int, default=None, help="resize so the short side is N px (0: 1.5x model size)")
+    g.add_argument("--window", type=int, default=None, help="sliding window size (default: the model's input size)")
+    g.add_argument("--stride", type=int, default=None, help="sliding window stride (default: window / 2)")
+    g.add_argument("--scales", type=str, default=None, help="multi-scale factors, e.g. 0.75,1,1.5")
+    g.add_argument("--logit-scale", type=float, default=None, help="softmax temperature on cosines (default 40)")
+    g.add_argument("--prob-threshold", type=float, default=None, help="pixels below this probability -> background")
+    g.add_argument("--area-threshold", type=float, default=None, help="drop classes covering less than this share")
+    g.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+
+
+def _inference_options(args, base: dict | None = None) -> dict:
+    opts = dict(base or {})
+    for key in ("mode", "short_side", "window", "stride", "logit_scale", "prob_threshold", "area_threshold",
+                "key_smoothing", "prompt_denoising"):
+        value = getattr(args, key)
+        if value is not None:
+            opts[key] = value
+    if args.scales:
+        try:
+            opts["scales"] = tuple(float(s) for s in args.scales.split(","))
+        except ValueError:
+            raise UserError(f"--scales must be comma-separated numbers, not {args.scales!r}") from None
+    opts["pamr"] = args.pamr
+    opts["batch_size"] = args.batch_size
+    opts["precision"] = args.precision
+    return opts
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_segmenter(args, templates, options: dict):
+    from . import Segmenter
+
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    return Segmenter.from_pretrained(args.model, pretrained=pretrained, method=args.method,
+                                     device=_device(args.device), templates=args.templates or templates, **options)
+
+
+# ---------------------------------------------------------------------------- segment
+def cmd_segment(args) -> int:
+    from tqdm import tqdm
+
+    from .images import ImageReadError, expand_inputs, read_image
+    from .visualize import overlay, save_label_png
+    from .vocabulary import Vocabulary
+
+    # Everything about the user's input is checked before any weights are loaded.
+    if args.classes_file:
+        vocab = Vocabulary.from_file(args.classes_file)
+    elif args.classes:
+        vocab = Vocabulary.parse(args.classes)
+    else:
+        raise UserError("name the classes: --classes \"cat, dog, grass\" (or --classes-file FILE)")
+    background = None
+    if args.background:
+        background = True if args.background == "background" else [w.strip() for w in args.background.split(",")]
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise UserError(f"no images found in {' '.join(args.inputs)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    stems: dict[str, int] = {}
+    for p in paths:
+        stems[p.stem] = stems.get(p.stem, 0) + 1
+
+    def outputs(p: Path) -> list[Path]:
+        stem = p.stem if stems[p.stem] == 1 else f"{p.parent.name}_{p.stem}"
+        return [out / f"{stem}.png", out / f"{stem}_overlay.png", out / f"{stem}.json"]
+
+    todo, skipped = [], 0
+    for p in paths:
+        if not args.overwrite and any(o.exists() for o in outputs(p)):
+            print(f"skip: {outputs(p)[0]} exists (pass --overwrite to replace)", file=sys.stderr)
+            skipped += 1
+        else:
+            todo.append(p)
+    if not todo:
+        print(f"nothing to do: {skipped} image(s) already segmented in {out}")
+        return 0
+
+    seg = _load_segmenter(args, "maskclip85", _inference_options(args))
+    done = failed = 0
+    bar = tqdm(total=len(todo), desc="segment", unit="img", dynamic_ncols=True)
+    for start in range(0, len(todo), args.batch_images):
+        chunk = todo[start:start + args.batch_images]
+        arrays, ok = [], []
+        for p in chunk:
+            try:
+                arrays.append(read_image(p))
+                ok.append(p)
+            except ImageReadError as err:
+                tqdm.write(f"error: {err}", file=sys.stderr)
+                failed += 1
+        if arrays:
+            results = seg._segment(arrays, seg.vocabulary(vocab, background))
+            for p, array, res in zip(ok, arrays, results):
+                label_path, overlay_path, json_path = outputs(p)
+                save_label_png(res.labels, label_path)
+                overlay(array, res.labels, res.classes, title=p.name).save(overlay_path)
+                json_path.write_text(json.dumps({
+                    "image": str(p), "size": list(res.size), "classes": res.classes,
+                    "fractions": res.fractions(), "model": args.model, "pretrained": args.pretrained,
+                    "method": args.method, "labels": label_path.name, "overlay": overlay_path.name}, indent=2))
+                done += 1
+        bar.update(len(chunk))
+    bar.close()
+    print(f"{done} segmented, {skipped} skipped, {failed} failed -> {out}")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------- eval / score
+def _dataset_from_args(args):
+    from .data.datasets import build_dataset
+
+    folder = dict(image_dir=args.image_dir, label_dir=args.label_dir, classes_file=args.classes_file,
+                  ignore_index=args.ignore_index, length=args.limit)
+    return build_dataset(args.dataset, args.data_root, args.split, **folder)
+
+
+def _split_from_args(args, dataset):
+    from .evaluation import get_split
+
+    return get_split(args.split_set, dataset.name) if args.split_set else None
+
+
+def _write_result(result: dict, out: str | None, overwrite: bool) -> None:
+    from .evaluation import format_table
+
+    print(format_table(result))
+    if out:
+        path = Path(out)
+        if path.exists() and not overwrite:
+            alt = path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+            print(f"{path} exists; writing {alt} instead (pass --overwrite to replace)", file=sys.stderr)
+            path = alt
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"result -> {path}")
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .evaluation import evaluate
+
+    dataset = _dataset_from_args(args)
+    split = _split_from_args(args, dataset)
+    options = _inference_options(args, dataset.protocol)
+    distributed = "RANK" in __import__("os").environ and not torch.distributed.is_initialized()
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        torch.distributed.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
+            args.device = f"cuda:{torch.cuda.current_device()}"
+    seg = _load_segmenter(args, dataset.templates, options)
+    t0 = time.time()
+    result = evaluate(seg, dataset, split, batch_images=args.batch_images, workers=args.workers,
+                      save_predictions=args.save_predictions)
+    result["seconds"] = round(time.time() - t0, 1)
+    result["config"] = {"dataset": dataset.name, "data_root": args.data_root, "split": args.split,
+                        "split_set": args.split_set, "model": args.model, "pretrained": args.pretrained,
+                        "method": args.method, "templates": args.templates or dataset.templates,
+                        "inference": {k: (list(v) if isinstance(v, tuple) else v)
+                                      for k, v in vars(seg.config).items()},
+                        "command": " ".join(sys.argv)}
+    if not distributed or torch.distributed.get_rank() == 0:
+        _write_result(result, args.out, args.overwrite)
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .evaluation import score_predictions
+
+    dataset = _dataset_from_args(args)
+    split = _split_from_args(args, dataset)
+    result = score_predictions(dataset, args.pred_dir, split)
+    result["config"] = {"dataset": dataset.name, "data_root": args.data_root, "split": args.split,
+                        "split_set": args.split_set, "pred_dir": args.pred_dir, "command": " ".join(sys.argv)}
+    _write_result(result, args.out, args.overwrite)
+    return 0
+
+
+# ---------------------------------------------------------------------------- train
+def cmd_train_clip(args) -> int:
+    from .training.clip_pretrain import ClipPretrainConfig, train_clip
+
+    cfg = ClipPretrainConfig(out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size,
+                             lr=args.lr, warmup_steps=args.warmup, image_size=args.image_size, seed=args.seed,
+                             workers=args.workers, checkpoint_every=args.checkpoint_every,
+                             device=_device(args.device), resume=args.resume)
+    train_clip(cfg)
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo / bench
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, num_scenes=args.scenes, overwrite=args.overwrite, device=_device(args.device))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    run_bench(model=args.model, device=_device(args.device), images=args.images, batch_size=args.batch_size,
+              precision=args.precision, threads=args.threads)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="vocaseg", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"vocaseg {__import__('vocaseg').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("segment", help="segment images into the classes you name", formatter_class=fmt,
+                       description="Segment images into named classes. Per image, writes NAME.png (class "
+                       "indices, palette), NAME_overlay.png (picture with legend) and NAME.json (class shares).",
+                       epilog="examples:\n  vocaseg segment street.jpg --classes \"car, road, tree, sky\" --out out/\n"
+                       "  vocaseg segment photos/ --classes \"tv monitor, television; sofa; cat\" --out out/\n"
+                       "  vocaseg segment 'shots/*.png' --classes-file classes.txt --model toy --out out/\n"
+                       "classes: comma-separated; when a class needs synonyms, separate classes with ';'\n"
+                       "and synonyms with ','. A class file has one class per line, synonyms after commas.\n\n"
+                       + EPILOG_MODELS)
+    p.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns")
+    p.add_argument("--classes", help="class names, e.g. \"cat, dog, grass\"")
+    p.add_argument("--classes-file", help="file with one class per line (synonyms after commas)")
+    p.add_argument("--background", default=None,
+                   help="add a background class: 'background', or words that count as background ('sky,wall')")
+    p.add_argument("--out", default="vocaseg-out", help="output folder (default: vocaseg-out)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip those images)")
+    p.add_argument("--batch-images", type=int, default=4, help="images segmented together (default 4)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_segment)
+
+    from .data.datasets import DATASET_NAMES
+
+    def data_args(q):
+        q.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+        q.add_argument("--data-root", default=None, help="dataset folder in mmsegmentation's layout")
+        q.add_argument("--split", default="val", help="val (default), train, test ...")
+        q.add_argument("--split-set", default=None, help="zero-shot split: voc_zs3, context_zs3, coco_stuff_zs3, "
+                       "synth_zs, or 'unseen:cls a,cls b'")
+        q.add_argument("--image-dir", default=None, help="folder dataset: images sub-folder (default images)")
+        q.add_argument("--label-dir", default=None, help="folder dataset: labels sub-folder (default labels)")
+        q.add_argument("--classes-file", default=None, help="folder dataset: class file (default classes.txt)")
+        q.add_argument("--ignore-index", type=int, default=None, help="folder dataset: label value to ignore")
+        q.add_argument("--limit", type=int, default=None, help="only the first N images (quick checks)")
+        q.add_argument("--out", default=None, help="write the JSON result here")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    p = sub.add_parser("eval", help="run a method over a benchmark and report mIoU", formatter_class=fmt,
+                       description="Evaluate a method on a dataset with the dataset's protocol (SCLIP's for the "
+                       "benchmarks). Multi-GPU/CPU: torchrun --nproc-per-node N -m vocaseg.cli eval ...",
+                       epilog="examples:\n  vocaseg eval --dataset synth --model toy --method maskclip\n"
+                       "  vocaseg eval --dataset voc21 --data-root data/VOCdevkit/VOC2012 --method sclip --out r.json\n"
+                       "  vocaseg eval --dataset folder --data-root ../shared/data/camvid --image-dir val \\\n"
+                       "      --label-dir valannot --classes-file camvid.txt --ignore-index 11\n\n" + EPILOG_MODELS)
+    data_args(p)
+    p.add_argument("--batch-images", type=int, default=4, help="images per inference batch (default 4)")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    p.add_argument("--save-predictions", default=None, help="also write label PNGs to this folder")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="score a folder of predicted label PNGs", formatter_class=fmt,
+                       description="Score predictions made by any method: PRED_DIR/<image id>.png holding "
+                       "class indices (255 = no prediction) at the ground truth's size.")
+    data_args(p)
+    p.add_argument("--pred-dir", required=True)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("train", help="training commands")
+    tsub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    t = tsub.add_parser("clip", help="contrastive CLIP pretraining on the synthetic world",
+                        formatter_class=fmt, epilog="the shipped toy model was made with:\n"
+                        "  vocaseg train clip --out runs/toy --steps 1400 --seed 0")
+    t.add_argument("--out", required=True, help="run folder: checkpoint.pt, weights, train_info.json")
+    t.add_argument("--model", default="toy", help="architecture: 'toy' or any open_clip name")
+    t.add_argument("--steps", type=int, default=1400)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--image-size", type=int, default=96, help="scene size in px (the toy's input size)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workers", type=int, default=1, help="scene generation processes")
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--device", default=None)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.set_defaults(func=cmd_train_clip)
+
+    p = sub.add_parser("demo", help="offline demo: synth scenes segmented by the shipped toy CLIP")
+    p.add_argument("--out", default="vocaseg-demo")
+    p.add_argument("--scenes", type=int, default=6)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="images/s and peak memory of inference (random weights)")
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--images", type=int, default=8, help="images per measurement (default 8)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data.datasets import DatasetError
+    from .images import ImageReadError
+    from .loading import ModelNotFoundError, WeightsUnavailableError
+    from .vocabulary import VocabularyError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, VocabularyError, ModelNotFoundError, DatasetError, ImageReadError, WeightsUnavailableError,
+            FileExistsError, FileNotFoundError) as err:
+        print(f"vocaseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

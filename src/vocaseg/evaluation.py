@@ -1,0 +1,240 @@
+"""Segmentation metrics from a confusion matrix that lives on the device, and zero-shot splits.
+
+Conventions follow mmsegmentation: a class absent from both ground truth and prediction has an
+undefined (NaN) IoU and is left out of the means; a class present in the prediction only has IoU 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .data.datasets import IGNORE_INDEX, normalise_name
+
+
+@dataclass(frozen=True)
+class ZeroShotSplit:
+    """Seen/unseen classes of a dataset; ``excluded`` classes are ignored (e.g. VOC's background)."""
+
+    name: str
+    dataset: str
+    unseen: tuple[str, ...]
+    excluded: tuple[str, ...] = ()
+
+    def masks(self, classes: Sequence[str]) -> tuple[list[bool], list[bool]]:
+        names = [normalise_name(c) for c in classes]
+        unseen = {normalise_name(c) for c in self.unseen}
+        excluded = {normalise_name(c) for c in self.excluded}
+        missing = (unseen | excluded) - set(names)
+        if missing:
+            raise ValueError(f"split {self.name}: classes {sorted(missing)} are not in the dataset's classes")
+        is_unseen = [n in unseen for n in names]
+        is_seen = [n not in unseen and n not in excluded for n in names]
+        return is_seen, is_unseen
+
+
+ZERO_SHOT_SPLITS = {
+    "voc_zs3": ZeroShotSplit("voc_zs3", "voc21", ("potted plant", "sheep", "sofa", "train", "tv monitor"),
+                             excluded=("background",)),
+    "context_zs3": ZeroShotSplit("context_zs3", "context60", (
+        "cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", "tv monitor", "keyboard", "aeroplane")),
+    "coco_stuff_zs3": ZeroShotSplit("coco_stuff_zs3", "coco_stuff171", (
+        "frisbee", "skateboard", "cardboard", "carrot", "scissors", "suitcase", "giraffe", "cow", "road",
+        "concrete wall", "tree", "grass", "river", "clouds", "playing field")),
+    "synth_zs": ZeroShotSplit("synth_zs", "synth", ("hexagon", "crescent", "wood")),
+}
+
+
+def get_split(name_or_spec: str, dataset: str | None = None) -> ZeroShotSplit:
+    """A named split, or a user split ``"unseen:cow,cat"`` (optionally ``;excluded:background``)."""
+    if name_or_spec in ZERO_SHOT_SPLITS:
+        return ZERO_SHOT_SPLITS[name_or_spec]
+    if name_or_spec.startswith("unseen:"):
+        parts = dict(p.split(":", 1) for p in name_or_spec.split(";") if ":" in p)
+        unseen = tuple(c.strip() for c in parts.get("unseen", "").split(",") if c.strip())
+        excluded = tuple(c.strip() for c in parts.get("excluded", "").split(",") if c.strip())
+        if not unseen:
+            raise ValueError("a user split needs at least one unseen class: 'unseen:cow,cat'")
+        return ZeroShotSplit("custom", dataset or "", unseen, excluded)
+    raise ValueError(f"unknown split {name_or_spec!r}; choose one of {', '.join(ZERO_SHOT_SPLITS)} "
+                     "or write 'unseen:class a,class b'")
+
+
+class ConfusionMatrix:
+    """``matrix[t, p]`` counts pixels of true class t predicted as p, accumulated on ``device``.
+
+    A prediction outside [0, C) (e.g. 255 = 'no decision') counts against the true class only.
+    """
+
+    def __init__(self, num_classes: int, device: str | torch.device = "cpu", ignore_index: int = IGNORE_INDEX):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros((num_classes, num_classes + 1), dtype=torch.int64, device=device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} differs from ground truth {tuple(target.shape)}")
+        pred = pred.to(self.matrix.device, torch.int64).flatten()
+        target = target.to(self.matrix.device, torch.int64).flatten()
+        keep = target != self.ignore_index
+        pred, target = pred[keep], target[keep]
+        pred = torch.where((pred >= 0) & (pred < self.num_classes), pred, torch.full_like(pred, self.num_classes))
+        n = self.num_classes + 1
+        self.matrix += torch.bincount(target * n + pred, minlength=self.num_classes * n).view(self.num_classes, n)
+
+    def all_reduce(self) -> None:
+        """Sum the matrices of all processes (torchrun / torch.distributed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.matrix)
+
+    def compute(self, classes: Sequence[str], split: ZeroShotSplit | None = None) -> dict:
+        m = self.matrix.double()
+        intersect = m.diagonal()
+        area_label = m.sum(1)
+        area_pred = m[:, : self.num_classes].sum(0)
+        union = area_label + area_pred - intersect
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=m.device)
+        iou = torch.where(union > 0, intersect / union.clamp_min(1), nan)
+        acc = torch.where(area_label > 0, intersect / area_label.clamp_min(1), nan)
+        total = area_label.sum()
+        if total == 0:
+            raise ValueError("no labelled pixels were scored: every ground-truth pixel was ignore")
+        freq = area_label / total
+        result = {
+            "aAcc": 100 * (intersect.sum() / total).item(),
+            "mIoU": 100 * _nanmean(iou),
+            "mAcc": 100 * _nanmean(acc),
+            "fwIoU": 100 * torch.nansum(freq * iou).item(),
+            "per_class": {name: {"IoU": _pct(iou[i]), "Acc": _pct(acc[i])} for i, name in enumerate(classes)},
+        }
+        if split is not None:
+            seen, unseen = split.masks(classes)
+            s = 100 * _nanmean(iou[torch.tensor(seen, device=m.device)])
+            u = 100 * _nanmean(iou[torch.tensor(unseen, device=m.device)])
+            keep = torch.tensor([a or b for a, b in zip(seen, unseen)], device=m.device)
+            result.update({
+                "split": split.name, "pAcc": 100 * (intersect[keep].sum() / area_label[keep].sum().clamp_min(1)).item(),
+                "mIoU_seen": s, "mIoU_unseen": u,
+                "hIoU": 2 * s * u / (s + u) if s + u > 0 else 0.0,
+                "unseen_classes": [c for c, f in zip(classes, unseen) if f],
+            })
+        return result
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    valid = ~torch.isnan(x)
+    return float(x[valid].mean().item()) if valid.any() else float("nan")
+
+
+def _pct(x: torch.Tensor) -> float | None:
+    v = float(x.item())
+    return None if math.isnan(v) else 100 * v
+
+
+def format_table(result: dict, max_rows: int = 200) -> str:
+    """A plain-text table: per-class IoU/Acc, then the summary metrics."""
+    rows = [f"{'class':<24} {'IoU':>7} {'Acc':>7}"]
+    for name, v in list(result["per_class"].items())[:max_rows]:
+        iou = "-" if v["IoU"] is None else f"{v['IoU']:.2f}"
+        acc = "-" if v["Acc"] is None else f"{v['Acc']:.2f}"
+        rows.append(f"{name[:24]:<24} {iou:>7} {acc:>7}")
+    summary = ["aAcc", "mIoU", "mAcc", "fwIoU"] + (["pAcc", "mIoU_seen", "mIoU_unseen", "hIoU"] if "hIoU" in result else [])
+    rows.append("-" * 40)
+    rows.append("  ".join(f"{k} {result[k]:.2f}" for k in summary))
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------- runners
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _Shard(torch.utils.data.Dataset):
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+
+def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_images: int = 4, workers: int = 2,
+             save_predictions: str | None = None, progress: bool = True) -> dict:
+    """Run ``segmenter`` over ``dataset`` and score it. Under torchrun each process takes every
+    world_size-th image and the confusion matrices are summed before the metrics are computed."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .visualize import save_label_png
+
+    rank, world = _distributed()
+    indices = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(_Shard(dataset, indices), batch_size=batch_images, num_workers=workers,
+                                         collate_fn=list, persistent_workers=False)
+    vocab = dataset.vocabulary
+    cm = ConfusionMatrix(len(vocab), device=segmenter.device)
+    out_dir = Path(save_predictions) if save_predictions else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(indices), desc=f"eval {dataset.name}", unit="img", disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    for samples in loader:
+        results = segmenter._segment([s.image for s in samples], vocab)
+        for sample, res in zip(samples, results):
+            pred = res.labels_tensor()
+            cm.update(pred, torch.from_numpy(sample.label))
+            if out_dir:
+                save_label_png(pred.cpu().numpy(), out_dir / f"{sample.id}.png")
+        bar.update(len(samples))
+    bar.close()
+    cm.all_reduce()
+    result = cm.compute(dataset.classes, split)
+    result["num_images"] = len(dataset)
+    return result
+
+
+def score_predictions(dataset, pred_dir: str, split: ZeroShotSplit | None = None, progress: bool = True) -> dict:
+    """Score a folder of label PNGs (``<image id>.png``: class indices, 255 = ignore) against ``dataset``."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .data.datasets import DatasetError
+
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise DatasetError(f"prediction folder missing: {pred_dir}")
+    cm = ConfusionMatrix(len(dataset.classes))
+    for i in tqdm(range(len(dataset)), desc=f"score {dataset.name}", unit="img", disable=not progress):
+        sample = dataset[i]
+        path = pred_dir / f"{sample.id}.png"
+        if not path.is_file():
+            raise DatasetError(f"{path}: prediction missing for image {sample.id}")
+        try:
+            with Image.open(path) as img:
+                pred = np.asarray(img)
+        except OSError as err:
+            raise DatasetError(f"{path}: unreadable prediction ({err})") from err
+        if pred.ndim != 2:
+            raise DatasetError(f"{path}: prediction has shape {pred.shape}; expected one channel of class indices")
+        if pred.shape != sample.label.shape:
+            raise DatasetError(f"{path}: prediction size {pred.shape[1]}x{pred.shape[0]} differs from ground truth "
+                               f"{sample.label.shape[1]}x{sample.label.shape[0]}")
+        bad = (pred != IGNORE_INDEX) & (pred >= len(dataset.classes))
+        if bad.any():
+            raise DatasetError(f"{path}: prediction values {sorted(np.unique(pred[bad]).tolist())[:8]} exceed the "
+                               f"{len(dataset.classes)} classes")
+        cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(sample.label))
+    result = cm.compute(dataset.classes, split)
+    result["num_images"] = len(dataset)
+    return result

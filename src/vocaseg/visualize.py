@@ -1,0 +1,97 @@
+"""Pictures people look at: palette label PNGs, overlays with a legend, side-by-side panels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+IGNORE_INDEX = 255
+
+
+def palette(n: int = 256) -> np.ndarray:
+    """(n, 3) uint8: PASCAL VOC's bit-interleaved colour map (0 = black), 255 = white (ignore)."""
+    out = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    if n > IGNORE_INDEX:
+        out[IGNORE_INDEX] = (255, 255, 255)
+    return out
+
+
+def _class_colours(num_classes: int) -> np.ndarray:
+    # VOC's map starts with black for class 0; shift by one so every class gets a visible colour
+    return palette(num_classes + 1)[1:]
+
+
+def save_label_png(labels: np.ndarray, path: str | Path) -> None:
+    """Class indices as a palette PNG: the pixel values are the indices, the colours only help viewing."""
+    if labels.max(initial=0) > 255:
+        raise ValueError("more than 255 classes do not fit an 8-bit label PNG")
+    img = Image.fromarray(labels.astype(np.uint8))  # "L"; putpalette turns it into "P"
+    pal = np.zeros((256, 3), np.uint8)
+    pal[: IGNORE_INDEX] = _class_colours(IGNORE_INDEX)
+    pal[IGNORE_INDEX] = (255, 255, 255)
+    img.putpalette(pal.flatten().tolist())
+    img.save(path)
+
+
+def colourise(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    colours = np.zeros((256, 3), np.uint8)
+    colours[:num_classes] = _class_colours(num_classes)[:num_classes]
+    colours[IGNORE_INDEX] = (255, 255, 255)
+    return colours[np.clip(labels, 0, 255)]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], alpha: float = 0.5,
+            title: str | None = None) -> Image.Image:
+    """The image tinted with class colours, and a legend of the classes present (largest first)."""
+    colours = colourise(labels, len(classes))
+    blend = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
+    blend[labels == IGNORE_INDEX] = image[labels == IGNORE_INDEX]
+    counts = np.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=len(classes))
+    present = [i for i in np.argsort(-counts) if counts[i] > 0]
+    h, w = labels.shape
+    fsize = max(11, min(18, h // 20))
+    font = _font(fsize)
+    row = fsize + 6
+    legend_w = max(140, int(fsize * 0.62 * max([len(classes[i]) for i in present] + [8])) + 70)
+    top = row if title else 0
+    canvas = Image.new("RGB", (w + legend_w, max(h + top, top + row * (len(present) + 1))), "white")
+    canvas.paste(Image.fromarray(blend), (0, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
+    total = max(1, counts.sum())
+    for k, i in enumerate(present):
+        y = top + 4 + k * row
+        draw.rectangle([w + 8, y, w + 8 + fsize, y + fsize], fill=tuple(int(c) for c in _class_colours(len(classes))[i]),
+                       outline="black")
+        draw.text((w + 14 + fsize, y - 1), f"{classes[i]} {100 * counts[i] / total:.0f}%", fill="black", font=font)
+    return canvas
+
+
+def side_by_side(panels: Sequence[Image.Image], gap: int = 6) -> Image.Image:
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    height = max(p.height for p in panels)
+    canvas = Image.new("RGB", (width, height), "white")
+    x = 0
+    for p in panels:
+        canvas.paste(p, (x, 0))
+        x += p.width + gap
+    return canvas
