@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup", type=int, default=100)
-    t.add_argument("--image-size", type=int, default=96, help="scene size in px (the toy's input size)")
+    t.add_argument("--image-size", type=int, default=None, help="scene size in px (default: the model's input size)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=1, help="scene generation processes")
     t.add_argument("--checkpoint-every", type=int, default=100)

@@ -355,7 +355,7 @@ class Segmenter:
                              align_corners=False)
 
     def _prepare(self, array: np.ndarray, short_side: int | None) -> torch.Tensor:
-        img = torch.from_numpy(array).to(self.device).permute(2, 0, 1).float().div_(255)
+        img = torch.from_numpy(np.require(array, requirements="W")).to(self.device).permute(2, 0, 1).float().div_(255)
         h, w = img.shape[-2:]
         nh, nw = resize_short_side(h, w, short_side, self.config.max_long_side)
         if (nh, nw) != (h, w):

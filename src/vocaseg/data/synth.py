@@ -248,3 +248,23 @@ class SynthScenes:
         if not 0 <= index < self.length:
             raise IndexError(index)
         return make_scene(index, self.split, self.seed, self.size)
+
+
+def export_folder(out: str, split: str = "val", count: int = 100, seed: int = 0, size: int = 128) -> None:
+    """Write scenes in the generic folder layout: images/*.png, labels/*.png, classes.txt, captions.txt."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(out)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    captions = []
+    for i in range(count):
+        scene = make_scene(i, split, seed, size)
+        name = f"{split}_{i:06d}"
+        Image.fromarray(scene.image).save(root / "images" / f"{name}.png")
+        Image.fromarray(scene.mask.astype(np.uint8)).save(root / "labels" / f"{name}.png")
+        captions.append(f"{name}\t{scene.caption}")
+    (root / "captions.txt").write_text("\n".join(captions) + "\n")

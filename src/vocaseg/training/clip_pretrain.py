@@ -36,13 +36,14 @@ class ClipPretrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 150
-    image_size: int = 128
+    image_size: int | None = None  # scene size; None: the model's input size
     seed: int = 0
     workers: int = 1
     checkpoint_every: int = 200
     device: str = "cpu"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
     resume: bool = False
+    eval_scenes: int = 500  # synth val scenes for the final retrieval accuracy
 
 
 class _PairDataset(torch.utils.data.Dataset):
@@ -134,6 +135,9 @@ def train_clip(cfg: ClipPretrainConfig) -> dict:
 
     loaded = load_clip(cfg.model, pretrained=None, device=cfg.device)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if cfg.image_size is None:
+        size = model.visual.image_size
+        cfg.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(cfg.warmup_steps, cfg.steps))
     start = 0
@@ -172,14 +176,14 @@ def train_clip(cfg: ClipPretrainConfig) -> dict:
             save_checkpoint(ckpt_path, training_state(model, optimizer, scheduler, step, config=asdict(cfg)))
     bar.close()
 
-    metrics = retrieval_accuracy(model, tokenizer, loaded.mean, loaded.std,
+    metrics = retrieval_accuracy(model, tokenizer, loaded.mean, loaded.std, n=cfg.eval_scenes,
                                  image_size=cfg.image_size, device=cfg.device)
     weights = export_weights(model, cfg.model, loaded.mean, loaded.std, out)
     info = {"config": asdict(cfg), "steps_done": step, "train_seconds_this_run": round(time.time() - t0, 1),
             "final_loss": float(loss.item()) if step > start else None, "val_retrieval": metrics,
             "weights": str(weights)}
     (out / "train_info.json").write_text(json.dumps(info, indent=2))
-    print(f"val retrieval (500 scenes): image->text top-1 {metrics['image_to_text_top1']:.1f}%, "
+    print(f"val retrieval ({cfg.eval_scenes} scenes): image->text top-1 {metrics['image_to_text_top1']:.1f}%, "
           f"text->image top-1 {metrics['text_to_image_top1']:.1f}%")
     print(f"weights: {weights}")
     return info
