@@ -162,7 +162,12 @@ class _Shard(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
-        return self.dataset[self.indices[i]]
+        from .data.datasets import DatasetError
+
+        try:
+            return self.dataset[self.indices[i]]
+        except DatasetError as err:  # re-raised in the main process with its one-line message intact
+            return err
 
 
 def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_images: int = 4, workers: int = 2,
@@ -187,6 +192,9 @@ def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_image
     bar = tqdm(total=len(indices), desc=f"eval {dataset.name}", unit="img", disable=not progress or rank != 0,
                dynamic_ncols=True)
     for samples in loader:
+        for s in samples:
+            if isinstance(s, Exception):
+                raise s
         results = segmenter._segment([s.image for s in samples], vocab)
         for sample, res in zip(samples, results):
             pred = res.labels_tensor()
