@@ -151,7 +151,7 @@ def cmd_segment(args) -> int:
                 tqdm.write(f"error: {err}", file=sys.stderr)
                 failed += 1
         if arrays:
-            results = seg._segment(arrays, seg.vocabulary(vocab, background))
+            results = seg.segment_arrays(arrays, seg.vocabulary(vocab, background))
             for p, array, res in zip(ok, arrays, results):
                 label_path, overlay_path, json_path = outputs(p)
                 save_label_png(res.labels, label_path)

@@ -195,7 +195,7 @@ def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_image
         for s in samples:
             if isinstance(s, Exception):
                 raise s
-        results = segmenter._segment([s.image for s in samples], vocab)
+        results = segmenter.segment_arrays([s.image for s in samples], vocab)
         for sample, res in zip(samples, results):
             pred = res.labels_tensor()
             cm.update(pred, torch.from_numpy(sample.label))

@@ -330,7 +330,7 @@ class Segmenter:
         """Segment many images at once; all their windows share forward passes."""
         vocab = self.vocabulary(classes, background)
         arrays = [read_image(im) for im in images]
-        return self._segment(arrays, vocab)
+        return self.segment_arrays(arrays, vocab)
 
     def _classifier(self, vocab: Vocabulary) -> tuple[torch.Tensor, torch.Tensor, int]:
         names, owner = vocab.prompt_names()
@@ -363,7 +363,8 @@ class Segmenter:
                                 antialias=nh < h)[0].clamp_(0, 1)
         return img
 
-    def _segment(self, arrays: list[np.ndarray], vocab: Vocabulary) -> list[SegmentationResult]:
+    def segment_arrays(self, arrays: list[np.ndarray], vocab: Vocabulary) -> list[SegmentationResult]:
+        """Segment decoded (H, W, 3) uint8 arrays with a parsed vocabulary (what predict_batch calls)."""
         cfg = self.config
         classifier = self._classifier(vocab)
         num_classes = len(vocab)

@@ -167,8 +167,12 @@ def load_clip(
         model = open_clip.create_model(name, pretrained=None, device="cpu", force_quick_gelu=bool(quick_gelu))
     elif os.path.isfile(pretrained):
         if _is_torchscript(pretrained):  # OpenAI's release format; architecture is read from the weights
+            from open_clip.model import build_model_from_openai_state_dict
+
             state = torch.jit.load(pretrained, map_location="cpu").state_dict()
-            model = open_clip.build_model_from_openai_state_dict(state)
+            for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+                state.pop(key, None)  # archive attributes and buffers that are not weights
+            model = build_model_from_openai_state_dict(state).float()  # it builds in fp16
         else:
             model = open_clip.create_model(name, pretrained=None, device="cpu",
                                            force_quick_gelu=bool(quick_gelu))
