@@ -97,15 +97,20 @@ def test_maskclip_differs_from_raw(vit_model):
     assert not torch.allclose(bb.dense(pixels, "maskclip").features, bb.dense(pixels, "raw").features, atol=1e-3)
 
 
+def _attnpool_input(model, pixels):
+    """The feature map entering the ResNet's attention pool, captured from open_clip's own forward."""
+    captured = {}
+    handle = model.visual.attnpool.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].clone()))
+    with torch.no_grad():
+        model.visual(pixels)
+    handle.remove()
+    return captured["x"]  # (B, C, h, w)
+
+
 def test_resnet_maskclip_is_value_then_c_proj(resnet_model):
     vis = resnet_model.visual
     pixels = torch.randn(2, 3, 64, 64)
-    captured = {}
-    h = vis.attnpool.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].clone()))
-    with torch.no_grad():
-        vis(pixels)
-    h.remove()
-    x = captured["x"]  # (B, C, h, w)
+    x = _attnpool_input(resnet_model, pixels)
     pool = vis.attnpool
     with torch.no_grad():
         ref = torch.einsum("bchw,oc->bohw", x, pool.v_proj.weight) + pool.v_proj.bias[:, None, None]
@@ -120,12 +125,7 @@ def test_resnet_raw_query_of_mean_token_equals_clip_pooling(resnet_model):
     check our per-location attention by recomputing one location by hand."""
     vis = resnet_model.visual
     pixels = torch.randn(1, 3, 64, 64)
-    captured = {}
-    h = vis.attnpool.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].clone()))
-    with torch.no_grad():
-        vis(pixels)
-    h.remove()
-    x = captured["x"]
+    x = _attnpool_input(resnet_model, pixels)
     pool = vis.attnpool
     tokens = x.flatten(2).permute(0, 2, 1)[0]  # (hw, C)
     seq = torch.cat([tokens.mean(0, keepdim=True), tokens]) + pool.positional_embedding

@@ -162,3 +162,13 @@ def test_resnet_segmenter(resnet_model, tokenizer):
     assert res.labels.shape == (70, 90)
     with pytest.raises(NotImplementedError):
         Segmenter(resnet_model, tokenizer, method="sclip")
+
+
+def test_huge_image_is_capped(seg):
+    from vocaseg.inference import resize_short_side
+
+    assert resize_short_side(6000, 8000, None, 2048) == (1536, 2048)
+    assert resize_short_side(300, 400, None, 2048) == (300, 400)
+    assert resize_short_side(300, 400, 336, 2048) == (336, 448)
+    res = seg.with_options(short_side=None, max_long_side=128).predict(_img(1200, 1600), CLASSES)
+    assert res.labels.shape == (1200, 1600) and res.logits.shape[-2:] == (96, 128)

@@ -338,10 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     t = tsub.add_parser("clip", help="contrastive CLIP pretraining on the synthetic world",
                         formatter_class=fmt, epilog="the shipped toy model was made with:\n"
-                        "  vocaseg train clip --out runs/toy --steps 1400 --seed 0")
+                        "  vocaseg train clip --out runs/toy --steps 1200 --seed 0")
     t.add_argument("--out", required=True, help="run folder: checkpoint.pt, weights, train_info.json")
     t.add_argument("--model", default="toy", help="architecture: 'toy' or any open_clip name")
-    t.add_argument("--steps", type=int, default=1400)
+    t.add_argument("--steps", type=int, default=1200)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup", type=int, default=100)

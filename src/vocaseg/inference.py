@@ -149,9 +149,11 @@ def upsample_and_label(logits: torch.Tensor, size: tuple[int, int], logit_scale:
 
 
 def resize_short_side(h: int, w: int, short: int | None, max_long: int) -> tuple[int, int]:
-    if not short:
+    """Keep-ratio size with the short side ``short`` (None: unchanged); the long side never exceeds
+    ``max_long``, so memory stays bounded for huge inputs."""
+    scale = min(short / min(h, w) if short else 1.0, max_long / max(h, w))
+    if scale == 1.0:
         return h, w
-    scale = min(short / min(h, w), max_long / max(h, w))
     return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 

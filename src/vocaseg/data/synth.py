@@ -161,8 +161,12 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def make_scene(index: int, split: str = "train", seed: int = 0, size: int = 128) -> Scene:
-    """Scene ``index`` of ``split``: identical for identical arguments, on any machine."""
+def make_scene(index: int, split: str = "train", seed: int = 0, size: int = 128, twin: int = 0) -> Scene:
+    """Scene ``index`` of ``split``: identical for identical arguments, on any machine.
+
+    ``twin=1`` gives the same scene (layout, colours, sizes, stuff, wording) with every shape
+    replaced by another one: a hard negative that only the shape words can tell apart.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown synth split {split!r}; choose one of {sorted(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS[split][0], index, size])
@@ -177,11 +181,14 @@ def make_scene(index: int, split: str = "train", seed: int = 0, size: int = 128)
         inside = region == r
         image[inside] = _texture(STUFF_CLASSES[sid], rng, size)[inside]
         mask[inside] = sid
+    stuff_image = image.copy()  # colour choices look at the stuff only, so twins draw identically
 
     things = []  # (class id, colour name, size name, instance mask)
     instance = np.full((size, size), -1, np.int64)
     for n in range(int(rng.integers(1, 5))):
         cid = int(rng.integers(len(THING_CLASSES)))
+        if twin:  # a fixed derangement: every shape becomes a different one
+            cid = (cid + 1 + (index + n) % (len(THING_CLASSES) - 1)) % len(THING_CLASSES)
         size_name = str(rng.choice(list(SIZES)))
         radius = rng.uniform(*SIZES[size_name]) * size
         cy, cx = rng.uniform(radius, size - radius, size=2)
@@ -192,7 +199,7 @@ def make_scene(index: int, split: str = "train", seed: int = 0, size: int = 128)
         u, v = ca * dx + sa * dy, -sa * dx + ca * dy
         inside = _shape_mask(THING_CLASSES[cid], u, v)
         # a colour that stands out from the stuff under the object's centre
-        under = image[int(cy), int(cx)]
+        under = stuff_image[int(cy), int(cx)]
         names = list(COLOURS)
         for _ in range(6):
             colour = str(rng.choice(names))
@@ -206,21 +213,24 @@ def make_scene(index: int, split: str = "train", seed: int = 0, size: int = 128)
         things.append((cid, colour, size_name, int(inside.sum())))
 
     # Name only what is really visible: things at least 30% unoccluded, stuff >= 5% of the image.
+    # All random draws happen before the visibility filter, so twins get the same wording.
+    word_draws = rng.random((len(things), 2))
+    thing_order = rng.permutation(len(things))
+    stuff_order = rng.permutation(len(stuff_ids))
+    template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
     descs = []
-    for n, (cid, colour, size_name, area) in enumerate(things):
+    for n in thing_order:
+        cid, colour, size_name, area = things[n]
         if area == 0 or (instance == n).sum() < 0.3 * area:
             continue
         words = []
-        if size_name != "medium" and rng.random() < 0.5:
+        if size_name != "medium" and word_draws[n, 0] < 0.5:
             words.append(size_name)
-        if rng.random() < 0.8:
+        if word_draws[n, 1] < 0.8:
             words.append(colour)
         words.append(THING_CLASSES[cid])
         descs.append(("an " if words[0][0] in "aeiou" else "a ") + " ".join(words))
-    stuff_names = [STUFF_CLASSES[s] for s in stuff_ids if (mask == s).mean() >= 0.05]
-    rng.shuffle(descs)
-    rng.shuffle(stuff_names)
-    template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
+    stuff_names = [STUFF_CLASSES[stuff_ids[k]] for k in stuff_order if (mask == stuff_ids[k]).mean() >= 0.05]
     if not descs:
         caption = _join(stuff_names)
     else:

@@ -22,7 +22,7 @@ from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..data.synth import SynthScenes
+from ..data.synth import SynthScenes, make_scene
 from ..loading import _local_dir, load_clip
 from .checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 
@@ -31,7 +31,7 @@ from .checkpoint import load_checkpoint, restore_training_state, save_checkpoint
 class ClipPretrainConfig:
     out: str
     model: str = "toy"
-    steps: int = 3000
+    steps: int = 1200
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -44,11 +44,14 @@ class ClipPretrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
     resume: bool = False
     eval_scenes: int = 500  # synth val scenes for the final retrieval accuracy
+    twins: bool = True  # batches of scene pairs that differ only in their shapes (see README)
 
 
 class _PairDataset(torch.utils.data.Dataset):
-    def __init__(self, scenes: SynthScenes, tokenizer, mean, std):
-        self.scenes, self.tokenizer = scenes, tokenizer
+    """(pixels, tokens) pairs. With ``twins``, item 2k+1 is scene k with other shapes (a hard negative)."""
+
+    def __init__(self, scenes: SynthScenes, tokenizer, mean, std, twins: bool = False):
+        self.scenes, self.tokenizer, self.twins = scenes, tokenizer, twins
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -56,7 +59,11 @@ class _PairDataset(torch.utils.data.Dataset):
         return len(self.scenes)
 
     def __getitem__(self, i):
-        scene = self.scenes[i]
+        if self.twins:
+            s = self.scenes
+            scene = make_scene(i // 2, s.split, s.seed, s.size, twin=i % 2)
+        else:
+            scene = self.scenes[i]
         pixels = torch.from_numpy(scene.image).permute(2, 0, 1).float().div_(255)
         return (pixels - self.mean) / self.std, self.tokenizer([scene.caption])[0]
 
@@ -147,7 +154,8 @@ def train_clip(cfg: ClipPretrainConfig) -> dict:
 
     use_cuda = str(cfg.device).startswith("cuda")
     amp = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
-    data = _PairDataset(SynthScenes("train", seed=cfg.seed, size=cfg.image_size), tokenizer, loaded.mean, loaded.std)
+    data = _PairDataset(SynthScenes("train", seed=cfg.seed, size=cfg.image_size), tokenizer, loaded.mean, loaded.std,
+                        twins=cfg.twins)
     order = range(start * cfg.batch_size, cfg.steps * cfg.batch_size)
     loader = torch.utils.data.DataLoader(
         data, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.workers,
