@@ -265,8 +265,12 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
-    run_bench(model=args.model, device=_device(args.device), images=args.images, batch_size=args.batch_size,
-              precision=args.precision, threads=args.threads)
+    import torch
+
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        run_bench(model=args.model, device=device, images=args.images, batch_size=args.batch_size,
+                  precision=args.precision, threads=args.threads)
     return 0
 
 
@@ -362,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="images/s and peak memory of inference (random weights)")
     p.add_argument("--model", default="ViT-B-16")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="default: CPU, then CUDA if present")
     p.add_argument("--images", type=int, default=8, help="images per measurement (default 8)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")

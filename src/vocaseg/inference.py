@@ -13,6 +13,7 @@ Pipeline for a batch of images (all steps on ``device``):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Sequence
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from .backbone import RULES, CLIPBackbone
 from .images import ImageInput, read_image
-from .vocabulary import TextEmbeddingCache, Vocabulary, VocabularyError, resolve_templates
+from .vocabulary import TextEmbeddingCache, Vocabulary, resolve_templates
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -255,7 +256,12 @@ class Segmenter:
         if method not in RULES:  # fail before loading any weights
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RULES)}")
         loaded = load_clip(name, pretrained=pretrained, device=device, quick_gelu=quick_gelu)
-        model_id = f"{name}|{loaded.pretrained}" if loaded.pretrained is not None else None
+        model_id = None  # random weights are never cached on disk
+        if loaded.pretrained is not None:
+            model_id = f"{name}|{loaded.pretrained}"
+            if os.path.isfile(loaded.pretrained):  # a replaced file at the same path must not hit old entries
+                st = os.stat(loaded.pretrained)
+                model_id += f"|{st.st_size}|{st.st_mtime_ns}"
         return cls(loaded.model, loaded.tokenizer, method=method, templates=templates, mean=loaded.mean,
                    std=loaded.std, device=device, model_id=model_id, cache_dir=cache_dir, **config)
 

@@ -6,6 +6,7 @@ ignore index, how raw label values map to class indices, and its default inferen
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,13 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     out = label - 1
     out[label == 0] = IGNORE_INDEX
     out[label == IGNORE_INDEX] = IGNORE_INDEX
+    return out
+
+
+def _map_to_ignore(label: np.ndarray, value: int) -> np.ndarray:
+    """A dataset's own 'void' value -> the ignore index (a module-level function: picklable for workers)."""
+    out = label.copy()
+    out[label == value] = IGNORE_INDEX
     return out
 
 
@@ -209,10 +217,7 @@ def folder_dataset(root: str | Path, image_dir: str = "images", label_dir: str =
     vocab = Vocabulary.from_file(cls_path)
     label_map = None
     if ignore_index is not None and ignore_index != IGNORE_INDEX:
-        def label_map(label: np.ndarray, _ig=ignore_index) -> np.ndarray:
-            out = label.copy()
-            out[label == _ig] = IGNORE_INDEX
-            return out
+        label_map = functools.partial(_map_to_ignore, value=ignore_index)
     pairs = _folder_pairs(root / image_dir, root / label_dir)
     return SegDataset(name, vocab, pairs, dict(mode="slide", short_side=0), label_map=label_map,
                       templates="maskclip85")

@@ -1,0 +1,45 @@
+"""The shipped toy CLIP: its measured quality on a fixed synth sample, so a regression fails CI.
+
+Floors sit a few points under the values measured when the toy was shipped (see README,
+"The toy CLIP"); they are on the first 64 synth val scenes with the synth protocol.
+"""
+
+import pytest
+
+from vocaseg import Segmenter
+from vocaseg.data.datasets import build_dataset
+from vocaseg.evaluation import evaluate
+from vocaseg.loading import TOY_WEIGHTS
+
+pytestmark = pytest.mark.skipif(not TOY_WEIGHTS.is_file(), reason="toy weights not shipped in this checkout")
+
+SAMPLE = 64
+MASKCLIP_FLOOR = None  # set from the measured value
+GAP_FLOOR = 10.0  # MaskCLIP over the raw baseline, in mIoU points
+
+
+@pytest.fixture(scope="module")
+def scores():
+    ds = build_dataset("synth", split="val", length=SAMPLE)
+    seg = Segmenter.from_pretrained("toy", templates=ds.templates, **ds.protocol)
+    return {m: evaluate(seg.with_options(method=m), ds, workers=0, batch_images=16, progress=False)["mIoU"]
+            for m in ("raw", "maskclip")}
+
+
+def test_maskclip_quality_floor(scores):
+    assert scores["maskclip"] >= MASKCLIP_FLOOR, scores
+
+
+def test_maskclip_far_above_raw(scores):
+    assert scores["maskclip"] - scores["raw"] >= GAP_FLOOR, scores
+
+
+def test_demo_runs_offline(tmp_path, capsys):
+    from vocaseg.demo import run_demo
+
+    miou = run_demo(str(tmp_path / "demo"), num_scenes=2)
+    assert (tmp_path / "demo" / "scene_0.png").is_file() and (tmp_path / "demo" / "scene_1.png").is_file()
+    assert 0.0 <= miou <= 100.0
+    run_demo(str(tmp_path / "demo"), num_scenes=1)  # a second run never overwrites the first
+    assert (tmp_path / "demo-2" / "scene_0.png").is_file()
+    assert "mIoU" in capsys.readouterr().out
