@@ -9,7 +9,9 @@ that says how to pass a local file, instead of open_clip's minute of retries.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 import socket
 import zipfile
@@ -113,6 +115,22 @@ def _resolve_tag(name: str, tag: str, cache_dir: str | None) -> tuple[str, dict]
     return tag, cfg
 
 
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _weights_loaded_after():
+    """open_clip warns "initialized randomly" when it builds an empty model; we load weights next."""
+    root, flt = logging.getLogger(), _NoRandomInitWarning()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
 def _is_torchscript(path: str) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -148,7 +166,8 @@ def load_clip(
             if not os.path.isfile(pretrained):
                 raise WeightsUnavailableError(f"checkpoint file not found: {pretrained}")
             weights = pretrained
-        model = open_clip.create_model(spec, load_weights=False, device="cpu")
+        with _weights_loaded_after():
+            model = open_clip.create_model(spec, load_weights=False, device="cpu")
         if weights is not None:
             open_clip.load_checkpoint(model, weights, strict=True)
         tokenizer = open_clip.get_tokenizer(spec)
@@ -174,8 +193,9 @@ def load_clip(
                 state.pop(key, None)  # archive attributes and buffers that are not weights
             model = build_model_from_openai_state_dict(state).float()  # it builds in fp16
         else:
-            model = open_clip.create_model(name, pretrained=None, device="cpu",
-                                           force_quick_gelu=bool(quick_gelu))
+            with _weights_loaded_after():
+                model = open_clip.create_model(name, pretrained=None, device="cpu",
+                                               force_quick_gelu=bool(quick_gelu))
             try:
                 open_clip.load_checkpoint(model, pretrained, strict=True)
             except RuntimeError as err:
@@ -190,7 +210,8 @@ def load_clip(
             quick_gelu = bool(cfg.get("quick_gelu", False))
         kwargs = {"force_quick_gelu": quick_gelu}
         if os.path.isfile(source):  # cached copy: load without touching the network
-            model = open_clip.create_model(name, pretrained=None, device="cpu", **kwargs)
+            with _weights_loaded_after():
+                model = open_clip.create_model(name, pretrained=None, device="cpu", **kwargs)
             open_clip.load_checkpoint(model, source, strict=True)
         else:
             model = open_clip.create_model(name, pretrained=source, device="cpu", cache_dir=cache_dir, **kwargs)

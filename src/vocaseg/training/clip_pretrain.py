@@ -164,7 +164,7 @@ def train_clip(cfg: ClipPretrainConfig) -> dict:
 
     model.train()
     t0 = time.time()
-    bar = tqdm(loader, total=cfg.steps - start, initial=0, desc="train clip", unit="step", dynamic_ncols=True)
+    bar = tqdm(loader, total=cfg.steps, initial=start, desc="train clip", unit="step", dynamic_ncols=True)
     step = start
     for images, tokens in bar:
         images, tokens = images.to(cfg.device, non_blocking=True), tokens.to(cfg.device, non_blocking=True)
