@@ -14,8 +14,8 @@ from vocaseg.loading import TOY_WEIGHTS
 pytestmark = pytest.mark.skipif(not TOY_WEIGHTS.is_file(), reason="toy weights not shipped in this checkout")
 
 SAMPLE = 64
-MASKCLIP_FLOOR = 24.0  # measured 27.1 (raw 13.3) when toy v1 shipped
-GAP_FLOOR = 10.0  # MaskCLIP over the raw baseline, in mIoU points
+MASKCLIP_FLOOR = 22.0  # measured 25.1 (raw 15.0) when the current toy (v6) shipped
+GAP_FLOOR = 8.0  # MaskCLIP over the raw baseline in mIoU points: measured 10.1 (the aim is >= 10)
 
 
 @pytest.fixture(scope="module")

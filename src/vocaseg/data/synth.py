@@ -1,7 +1,7 @@
 """The synthetic world: small procedural scenes with pixel masks and captions.
 
-Each scene is a few "thing" objects (shapes with a colour and a size) over one to three
-"stuff" regions (procedural textures). It gives, with no files and no download:
+Each scene is one to three "thing" objects (shapes with a colour, a size and a class-specific
+surface marking) over one to three "stuff" regions (procedural textures). It gives, with no files and no download:
 image-text pairs for CLIP pretraining, unlabeled images for pseudo-label methods, seen/unseen
 splits for zero-shot methods, and a benchmark with exact ground truth for every method.
 
@@ -35,8 +35,18 @@ COLOURS = {
     "red": (0.85, 0.12, 0.12), "green": (0.15, 0.7, 0.2), "blue": (0.15, 0.25, 0.85),
     "yellow": (0.95, 0.85, 0.1), "orange": (0.95, 0.5, 0.05), "purple": (0.55, 0.15, 0.7),
     "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08), "pink": (0.95, 0.5, 0.7),
+    "cyan": (0.1, 0.8, 0.85),
 }
-SIZES = {"small": (0.07, 0.10), "medium": (0.11, 0.15), "large": (0.16, 0.22)}  # radius / side
+# Each thing class comes in two of the colours and each colour belongs to two classes, as real
+# classes have typical colours: colour narrows a class down to two, shape and marking decide.
+COLOUR_FAMILIES = {
+    "circle": ("red", "cyan"), "square": ("blue", "yellow"), "triangle": ("green", "orange"),
+    "star": ("yellow", "white"), "cross": ("purple", "red"), "ring": ("orange", "pink"),
+    "heart": ("pink", "purple"), "diamond": ("cyan", "black"), "hexagon": ("white", "green"),
+    "crescent": ("black", "blue"),
+}
+CLOSEUP_FRACTION = 0.3  # of train scenes: one large thing over one stuff
+SIZES = {"small": (0.09, 0.12), "medium": (0.13, 0.17), "large": (0.18, 0.24)}  # radius / side
 
 CAPTION_TEMPLATES = (
     "{things} on {stuff}", "a photo of {things} on {stuff}", "{stuff} with {things}",
@@ -157,6 +167,39 @@ def _shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise KeyError(name)
 
 
+def _surface(name: str, x: np.ndarray, y: np.ndarray, period: float) -> np.ndarray:
+    """Class-specific surface marking in [0, 1] (1 = full colour), like the fur or metal of a real class.
+
+    ``x, y`` are pixel offsets in the object's rotated frame; the period is in pixels, so a marking
+    looks the same on a small and a large object and a single patch can see it (what this and the
+    other world changes did to the toy CLIP: README, "The toy CLIP").
+    """
+    fx, fy = np.floor(x / period), np.floor(y / period)
+    if name == "circle":  # dark polka dots
+        dx, dy = x / period - fx - 0.5, y / period - fy - 0.5
+        return np.where(dx * dx + dy * dy < 0.09, 0.0, 1.0)
+    if name == "square":  # checkerboard
+        return ((fx + fy) % 2).astype(np.float32)
+    if name == "triangle":  # horizontal stripes
+        return (fy % 2).astype(np.float32)
+    if name == "star":  # plain
+        return np.ones_like(x)
+    if name == "cross":  # vertical stripes
+        return (fx % 2).astype(np.float32)
+    if name == "ring":  # diagonal stripes
+        return (np.floor((x + y) / (1.4 * period)) % 2).astype(np.float32)
+    if name == "heart":  # concentric bands around the centre
+        return (np.floor(np.sqrt(x * x + y * y) / period) % 2).astype(np.float32)
+    if name == "diamond":  # thin grid lines
+        return np.where(((x / period) % 1.0 < 0.3) | ((y / period) % 1.0 < 0.3), 0.0, 1.0)
+    if name == "hexagon":  # light dots on a dark surface
+        dx, dy = x / period - fx - 0.5, y / period - fy - 0.5
+        return np.where(dx * dx + dy * dy < 0.09, 1.0, 0.0)
+    if name == "crescent":  # wavy stripes
+        return (np.sin(2 * math.pi * y / (1.5 * period) + 2.0 * np.sin(x / period)) > 0).astype(np.float32)
+    raise KeyError(name)
+
+
 def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -170,9 +213,13 @@ def make_scene(index: int, split: str = "train", seed: int = 0, size: int = 128,
     if split not in SPLITS:
         raise ValueError(f"unknown synth split {split!r}; choose one of {sorted(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS[split][0], index, size])
+    # Like web photos, some training pictures are close-ups of a single thing, so a thing's patches
+    # are also seen with no stuff around them (README, "The toy CLIP"). Train-only variations draw
+    # from their own stream, so the benchmark scenes do not depend on them.
+    closeup = split == "train" and np.random.default_rng([seed, 99, index, size]).random() < CLOSEUP_FRACTION
     yy, xx = _grid(size)
 
-    k = int(rng.choice([1, 2, 3], p=[0.25, 0.5, 0.25]))
+    k = 1 if closeup else int(rng.choice([1, 2, 3], p=[0.25, 0.5, 0.25]))
     stuff_ids = rng.choice(len(STUFF_CLASSES), size=k, replace=False)
     region = _stuff_layout(rng, size, k)
     image = np.zeros((size, size, 3), np.float32)
@@ -181,16 +228,19 @@ def make_scene(index: int, split: str = "train", seed: int = 0, size: int = 128,
         inside = region == r
         image[inside] = _texture(STUFF_CLASSES[sid], rng, size)[inside]
         mask[inside] = sid
+
     stuff_image = image.copy()  # colour choices look at the stuff only, so twins draw identically
 
     things = []  # (class id, colour name, size name, instance mask)
     instance = np.full((size, size), -1, np.int64)
-    for n in range(int(rng.integers(1, 5))):
-        cid = int(rng.integers(len(THING_CLASSES)))
+    for n in range(1 if closeup else int(rng.integers(1, 4))):
+        cid = drawn = int(rng.integers(len(THING_CLASSES)))
         if twin:  # a fixed derangement: every shape becomes a different one
             cid = (cid + 1 + (index + n) % (len(THING_CLASSES) - 1)) % len(THING_CLASSES)
         size_name = str(rng.choice(list(SIZES)))
         radius = rng.uniform(*SIZES[size_name]) * size
+        if closeup:  # fills most of the picture; its size is not worth a word
+            size_name, radius = "medium", rng.uniform(0.3, 0.42) * size
         cy, cx = rng.uniform(radius, size - radius, size=2)
         # small tilts only: a square turned 45 degrees would be a diamond
         angle = rng.uniform(-0.4, 0.4)
@@ -198,15 +248,15 @@ def make_scene(index: int, split: str = "train", seed: int = 0, size: int = 128,
         dx, dy = (xx - np.float32(cx)) / np.float32(radius), (np.float32(cy) - yy) / np.float32(radius)
         u, v = ca * dx + sa * dy, -sa * dx + ca * dy
         inside = _shape_mask(THING_CLASSES[cid], u, v)
-        # a colour that stands out from the stuff under the object's centre
+        # of the class's two colours, one that stands out from the stuff under the object's centre;
+        # a twin keeps the colour of the shape it replaces, so only shape and marking tell them apart
         under = stuff_image[int(cy), int(cx)]
-        names = list(COLOURS)
-        for _ in range(6):
-            colour = str(rng.choice(names))
-            if np.abs(np.array(COLOURS[colour], np.float32) - under).sum() > 0.45:
-                break
+        family = [COLOUR_FAMILIES[THING_CLASSES[drawn]][k] for k in rng.permutation(2)]
+        contrast = [np.abs(np.array(COLOURS[c], np.float32) - under).sum() > 0.45 for c in family]
+        colour = family[1] if contrast[1] and not contrast[0] else family[0]
         rgb = np.array(COLOURS[colour], np.float32) * np.float32(rng.uniform(0.9, 1.05))
-        shade = (0.9 + 0.1 * v.clip(-1, 1))[..., None]  # soft light from above
+        marking = _surface(THING_CLASSES[cid], u * np.float32(radius), v * np.float32(radius), 5.0 * size / 128)
+        shade = ((0.9 + 0.1 * v.clip(-1, 1)) * (0.55 + 0.45 * marking))[..., None]  # light from above
         image = np.where(inside[..., None], np.clip(rgb * shade, 0, 1), image)
         mask[inside] = len(STUFF_CLASSES) + cid
         instance[inside] = n
@@ -226,7 +276,9 @@ def make_scene(index: int, split: str = "train", seed: int = 0, size: int = 128,
         words = []
         if size_name != "medium" and word_draws[n, 0] < 0.5:
             words.append(size_name)
-        if word_draws[n, 1] < 0.8:
+        # colour named only sometimes: were it always there, captions would match on colour words
+        # and the class words would never need a meaning (measured: README, "The toy CLIP")
+        if word_draws[n, 1] < 0.3:
             words.append(colour)
         words.append(THING_CLASSES[cid])
         descs.append(("an " if words[0][0] in "aeiou" else "a ") + " ".join(words))
