@@ -43,3 +43,15 @@ def test_demo_runs_offline(tmp_path, capsys):
     run_demo(str(tmp_path / "demo"), num_scenes=1)  # a second run never overwrites the first
     assert (tmp_path / "demo-2" / "scene_0.png").is_file()
     assert "mIoU" in capsys.readouterr().out
+
+
+def test_toy_diagnostics_tool_runs(capsys, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "tools" / "toy_diagnostics.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "toy", "--scenes", "24"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "1. shape word" in out and "2. top thing prompt" in out and "3. dense" in out
