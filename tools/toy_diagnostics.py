@@ -29,10 +29,9 @@ def main() -> None:
     torch.manual_seed(0)
     seg = Segmenter.from_pretrained(args.model, method="maskclip", templates="maskclip85", device="cpu")
     clip = seg.backbone.clip
-    size = clip.visual.image_size[0] if isinstance(clip.visual.image_size, tuple) else clip.visual.image_size
+    size = seg.backbone.image_size
     scenes = [make_scene(i, "val", 0, size) for i in range(args.scenes)]
-    pixels = torch.stack([(torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 - seg.mean) / seg.std
-                          for s in scenes])
+    pixels = seg.normalize(torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in scenes]))
     image_emb = F.normalize(clip.encode_image(pixels), dim=-1)
     things = [CLASSES.index(t) for t in THING_CLASSES]
 

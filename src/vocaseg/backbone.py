@@ -56,6 +56,12 @@ def neighbourhood_bias(grid: tuple[int, int], sigma: float = NACLIP_SIGMA, prefi
     return F.pad(gauss, (prefix, 0, prefix, 0))
 
 
+def input_size(visual: torch.nn.Module) -> int:
+    """The square input size an open_clip image tower was built for (ViT ``image_size``, ResNet ``input_resolution``)."""
+    size = visual.image_size if hasattr(visual, "image_size") else getattr(visual, "input_resolution", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 class CLIPBackbone(nn.Module):
     """Adapter over an open_clip CLIP model: text embeddings and dense image features."""
 
@@ -79,8 +85,7 @@ class CLIPBackbone(nn.Module):
         else:
             raise NotImplementedError(
                 f"image tower {type(visual).__name__} is not supported; vocaseg needs a ViT or ModifiedResNet tower")
-        size = visual.image_size if hasattr(visual, "image_size") else getattr(visual, "input_resolution", 224)
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.image_size = input_size(visual)
 
     # ----------------------------------------------------------------- text
     @torch.no_grad()

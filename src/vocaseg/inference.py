@@ -312,8 +312,12 @@ class Segmenter:
         return torch.autocast(self.device.type, enabled=False)
 
     @torch.no_grad()
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1], (..., 3, H, W) -> the model's input (its mean/std), as ``encode_dense`` expects."""
+        return (pixels.to(self.device) - self.mean) / self.std
+
     def encode_dense(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (B,3,H,W), normalised with the model's mean/std -> (B, D, H/p, W/p), L2-normalised."""
+        """pixels (B,3,H,W), normalised with ``normalize`` -> (B, D, H/p, W/p), L2-normalised."""
         with self._autocast():
             return self.backbone.dense(pixels.to(self.device), self.method).features.float()
 
@@ -412,7 +416,7 @@ class Segmenter:
                     chunk = group[start:start + cfg.batch_size]
                     batch = torch.zeros((len(chunk), 3, ph, pw), device=self.device)
                     for k, (i, y, x, h, w, _, _) in enumerate(chunk):
-                        batch[k, :, :h, :w] = (images[i][:, y:y + h, x:x + w] - self.mean) / self.std
+                        batch[k, :, :h, :w] = self.normalize(images[i][:, y:y + h, x:x + w])
                     logits = self._window_logits(batch, classifier)
                     for k, (i, y, x, h, w, _, _) in enumerate(chunk):
                         canvases[i][:, y:y + h, x:x + w] += logits[k, :, :h, :w]

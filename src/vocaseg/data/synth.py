@@ -251,7 +251,7 @@ def make_scene(index: int, split: str = "train", seed: int = 0, size: int = 128,
         # of the class's two colours, one that stands out from the stuff under the object's centre;
         # a twin keeps the colour of the shape it replaces, so only shape and marking tell them apart
         under = stuff_image[int(cy), int(cx)]
-        family = [COLOUR_FAMILIES[THING_CLASSES[drawn]][k] for k in rng.permutation(2)]
+        family = [COLOUR_FAMILIES[THING_CLASSES[drawn]][j] for j in rng.permutation(2)]
         contrast = [np.abs(np.array(COLOURS[c], np.float32) - under).sum() > 0.45 for c in family]
         colour = family[1] if contrast[1] and not contrast[0] else family[0]
         rgb = np.array(COLOURS[colour], np.float32) * np.float32(rng.uniform(0.9, 1.05))

@@ -22,6 +22,7 @@ from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..backbone import input_size
 from ..data.synth import SynthScenes, make_scene
 from ..loading import _local_dir, load_clip
 from .checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
@@ -143,8 +144,7 @@ def train_clip(cfg: ClipPretrainConfig) -> dict:
     loaded = load_clip(cfg.model, pretrained=None, device=cfg.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     if cfg.image_size is None:
-        size = model.visual.image_size
-        cfg.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        cfg.image_size = input_size(model.visual)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(cfg.warmup_steps, cfg.steps))
     start = 0
