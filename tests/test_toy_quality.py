@@ -55,3 +55,4 @@ def test_toy_diagnostics_tool_runs(capsys, monkeypatch):
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert "1. shape word" in out and "2. top thing prompt" in out and "3. dense" in out
+    assert "4. linear probe" in out and "5. " in out

@@ -6,7 +6,11 @@
    differ only in that shape word against the image (chance 10%);
 2. single-name prompts: for each val image, the top thing class among the ten class-name prompts
    (the 85 MaskCLIP templates), how often it is in the scene, and how often each class comes top;
-3. dense: at thing pixels, MaskCLIP features' best class among the ten things (chance 10%).
+3. dense: at thing pixels, MaskCLIP features' best class among the ten things (chance 10%);
+4. linear probe: how well a linear classifier fit on train scenes reads the thing class from the same
+   dense features at thing patches: the identity that is there, aligned with the text or not;
+5. for class-token towers: the class token's thing knowledge (as in 2.) after each block, and
+   from the last block's attention output alone, the only part a value-path method reads.
 """
 
 import argparse
@@ -70,6 +74,72 @@ def main() -> None:
     predicted = scores.argmax(1) + len(STUFF_CLASSES)
     print(f"3. dense, among the ten things, at thing pixels: "
           f"{100 * (predicted[at_things] == masks[at_things]).float().mean():.1f}% right (chance 10%)")
+
+    probe_and_blocks(seg, scenes, pixels, image_emb, text, things)
+
+
+def _patch_labels(scenes, grid: int) -> torch.Tensor:
+    """(B, grid*grid) class id at each patch centre."""
+    step = scenes[0].mask.shape[0] // grid
+    return torch.from_numpy(np.stack([s.mask[step // 2::step, step // 2::step] for s in scenes])).flatten(1)
+
+
+def _linear_probe(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, classes: int) -> float:
+    """Accuracy of an L2-regularised multinomial logistic regression (L-BFGS) on standardised features."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, x_val = (x - mean) / std, (x_val - mean) / std
+    weight = torch.zeros(x.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + 1e-3 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return 100 * ((x_val @ weight + bias).argmax(1) == y_val).float().mean().item()
+
+
+def probe_and_blocks(seg, scenes, pixels, image_emb, text, things) -> None:
+    size, first_thing = seg.backbone.image_size, len(STUFF_CLASSES)
+    train = [make_scene(i, "train", 0, size) for i in range(2 * len(scenes))]
+    train_pixels = seg.normalize(torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in train]))
+    feats, feats_val = seg.encode_dense(train_pixels), seg.encode_dense(pixels)
+    grid = feats.shape[-1]
+    y, y_val = _patch_labels(train, grid), _patch_labels(scenes, grid)
+    x, x_val = feats.flatten(2).transpose(1, 2), feats_val.flatten(2).transpose(1, 2)
+    at, at_val = y >= first_thing, y_val >= first_thing
+    acc = _linear_probe(x[at], y[at] - first_thing, x_val[at_val], y_val[at_val] - first_thing, len(things))
+    print(f"4. linear probe on the dense features at thing patches: {acc:.1f}% right "
+          f"({int(at.sum())} train / {int(at_val.sum())} val patches; chance 10%)")
+
+    visual = seg.backbone.clip.visual
+    if getattr(visual, "pool_type", "tok") != "tok":
+        print(f"5. (image embedding pools {visual.pool_type!r}, not the class token: nothing to decompose)")
+        return
+    present = [set(np.unique(s.mask).tolist()) for s in scenes]
+    with_things = [k for k, p in enumerate(present) if p & set(things)]
+
+    def right(emb: torch.Tensor) -> float:
+        top = (F.normalize(emb, dim=-1) @ text[things].T).argmax(1)
+        return 100 * np.mean([things[int(top[k])] in present[k] for k in with_things])
+
+    x = visual.ln_pre(torch.cat([visual.class_embedding.expand(len(scenes), 1, -1),
+                                 visual.conv1(pixels).flatten(2).transpose(1, 2)], 1) + visual.positional_embedding)
+    per_block = []
+    blocks = visual.transformer.resblocks
+    for block in blocks[:-1]:
+        x = block(x)
+        per_block.append(right(visual.ln_post(x[:, 0]) @ visual.proj))
+    last = blocks[-1]
+    attn_out = last.ls_1(last.attn(last.ln_1(x), last.ln_1(x), last.ln_1(x), need_weights=False)[0])
+    per_block.append(right(visual.ln_post(last(x)[:, 0]) @ visual.proj))
+    print(f"5. class token, top thing prompt present after blocks 1..{len(blocks)}: "
+          + " ".join(f"{a:.1f}" for a in per_block)
+          + f"; from the last block's attention output alone: {right(visual.ln_post(attn_out[:, 0]) @ visual.proj):.1f}%")
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ class ClipPretrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 150
+    warmup_steps: int = 100
     image_size: int | None = None  # scene size; None: the model's input size
     seed: int = 0
     workers: int = 1
-    checkpoint_every: int = 200
+    checkpoint_every: int = 100
     device: str = "cpu"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
     resume: bool = False
