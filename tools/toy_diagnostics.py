@@ -24,6 +24,10 @@ from vocaseg import Segmenter
 from vocaseg.data.synth import CLASSES, STUFF_CLASSES, THING_CLASSES, make_scene
 
 
+def _model_input(seg, scenes) -> torch.Tensor:
+    return seg.normalize(torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in scenes]))
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +39,7 @@ def main() -> None:
     clip = seg.backbone.clip
     size = seg.backbone.image_size
     scenes = [make_scene(i, "val", 0, size) for i in range(args.scenes)]
-    pixels = seg.normalize(torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in scenes]))
+    pixels = _model_input(seg, scenes)
     image_emb = F.normalize(clip.encode_image(pixels), dim=-1)
     things = [CLASSES.index(t) for t in THING_CLASSES]
 
@@ -53,14 +57,19 @@ def main() -> None:
 
     # 2. class names alone
     text = seg.encode_text(list(CLASSES))  # (C, D), template-averaged, normalised
-    top = (image_emb @ text[things].T).argmax(1)
     present = [set(np.unique(s.mask).tolist()) for s in scenes]
     with_things = [k for k, p in enumerate(present) if p & set(things)]
-    right = np.mean([things[int(top[k])] in present[k] for k in with_things])
+
+    def top_prompt_present(emb: torch.Tensor) -> float:
+        """% of scenes with things whose top thing prompt (for image embeddings ``emb``) is in the scene."""
+        top = (F.normalize(emb, dim=-1) @ text[things].T).argmax(1)
+        return 100 * np.mean([things[int(top[k])] in present[k] for k in with_things])
+
+    top = (image_emb @ text[things].T).argmax(1)
     chance = np.mean([len(present[k] & set(things)) / len(things) for k in with_things])
     counts = np.bincount(top.numpy(), minlength=len(things))
     sims = (text[things] @ text[things].T)[~torch.eye(len(things), dtype=torch.bool)]
-    print(f"2. top thing prompt present in the scene: {100 * right:.1f}% of {len(with_things)} scenes "
+    print(f"2. top thing prompt present in the scene: {top_prompt_present(image_emb):.1f}% of {len(with_things)} scenes "
           f"(chance {100 * chance:.1f}%); "
           f"times each class comes top: {dict(zip(THING_CLASSES, counts.tolist()))}; "
           f"cosine between thing prompts: median {sims.median():.2f}, max {sims.max():.2f}")
@@ -75,7 +84,8 @@ def main() -> None:
     print(f"3. dense, among the ten things, at thing pixels: "
           f"{100 * (predicted[at_things] == masks[at_things]).float().mean():.1f}% right (chance 10%)")
 
-    probe_and_blocks(seg, scenes, pixels, image_emb, text, things)
+    linear_probe(seg, scenes, dense)
+    class_token_by_block(seg, pixels, top_prompt_present)
 
 
 def _patch_labels(scenes, grid: int) -> torch.Tensor:
@@ -103,43 +113,35 @@ def _linear_probe(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: 
     return 100 * ((x_val @ weight + bias).argmax(1) == y_val).float().mean().item()
 
 
-def probe_and_blocks(seg, scenes, pixels, image_emb, text, things) -> None:
+def linear_probe(seg, scenes, feats_val: torch.Tensor) -> None:
+    """``feats_val``: the dense features of ``scenes``, as section 3 computed them."""
     size, first_thing = seg.backbone.image_size, len(STUFF_CLASSES)
     train = [make_scene(i, "train", 0, size) for i in range(2 * len(scenes))]
-    train_pixels = seg.normalize(torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in train]))
-    feats, feats_val = seg.encode_dense(train_pixels), seg.encode_dense(pixels)
+    feats = seg.encode_dense(_model_input(seg, train))
     grid = feats.shape[-1]
     y, y_val = _patch_labels(train, grid), _patch_labels(scenes, grid)
     x, x_val = feats.flatten(2).transpose(1, 2), feats_val.flatten(2).transpose(1, 2)
     at, at_val = y >= first_thing, y_val >= first_thing
-    acc = _linear_probe(x[at], y[at] - first_thing, x_val[at_val], y_val[at_val] - first_thing, len(things))
+    acc = _linear_probe(x[at], y[at] - first_thing, x_val[at_val], y_val[at_val] - first_thing, len(THING_CLASSES))
     print(f"4. linear probe on the dense features at thing patches: {acc:.1f}% right "
           f"({int(at.sum())} train / {int(at_val.sum())} val patches; chance 10%)")
 
+
+def class_token_by_block(seg, pixels, top_prompt_present) -> None:
     visual = seg.backbone.clip.visual
     if getattr(visual, "pool_type", "tok") != "tok":
         print(f"5. (image embedding pools {visual.pool_type!r}, not the class token: nothing to decompose)")
         return
-    present = [set(np.unique(s.mask).tolist()) for s in scenes]
-    with_things = [k for k, p in enumerate(present) if p & set(things)]
-
-    def right(emb: torch.Tensor) -> float:
-        top = (F.normalize(emb, dim=-1) @ text[things].T).argmax(1)
-        return 100 * np.mean([things[int(top[k])] in present[k] for k in with_things])
-
-    x = visual.ln_pre(torch.cat([visual.class_embedding.expand(len(scenes), 1, -1),
-                                 visual.conv1(pixels).flatten(2).transpose(1, 2)], 1) + visual.positional_embedding)
-    per_block = []
-    blocks = visual.transformer.resblocks
-    for block in blocks[:-1]:
-        x = block(x)
-        per_block.append(right(visual.ln_post(x[:, 0]) @ visual.proj))
-    last = blocks[-1]
-    attn_out = last.ls_1(last.attn(last.ln_1(x), last.ln_1(x), last.ln_1(x), need_weights=False)[0])
-    per_block.append(right(visual.ln_post(last(x)[:, 0]) @ visual.proj))
-    print(f"5. class token, top thing prompt present after blocks 1..{len(blocks)}: "
+    states = visual.forward_intermediates(pixels, output_fmt="NLC", output_extra_tokens=True, intermediates_only=True)
+    class_tokens = [prefix[:, 0] for prefix in states["image_intermediates_prefix"]]  # after each block
+    per_block = [top_prompt_present(visual.ln_post(c) @ visual.proj) for c in class_tokens]
+    last = visual.transformer.resblocks[-1]
+    before_last = last.ln_1(torch.cat([states["image_intermediates_prefix"][-2], states["image_intermediates"][-2]], 1))
+    attn_out = last.ls_1(last.attn(before_last, before_last, before_last, need_weights=False)[0])
+    print(f"5. class token, top thing prompt present after blocks 1..{len(per_block)}: "
           + " ".join(f"{a:.1f}" for a in per_block)
-          + f"; from the last block's attention output alone: {right(visual.ln_post(attn_out[:, 0]) @ visual.proj):.1f}%")
+          + f"; from the last block's attention output alone: "
+            f"{top_prompt_present(visual.ln_post(attn_out[:, 0]) @ visual.proj):.1f}%")
 
 
 if __name__ == "__main__":

@@ -311,11 +311,11 @@ class Segmenter:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
-    @torch.no_grad()
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1], (..., 3, H, W) -> the model's input (its mean/std), as ``encode_dense`` expects."""
         return (pixels.to(self.device) - self.mean) / self.std
 
+    @torch.no_grad()
     def encode_dense(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B,3,H,W), normalised with ``normalize`` -> (B, D, H/p, W/p), L2-normalised."""
         with self._autocast():
