@@ -7,11 +7,11 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def tiny_clip(kind: str = "vit", seed: int = 0) -> torch.nn.Module:
+def tiny_clip(kind: str = "vit", seed: int = 0, layers: int = 2) -> torch.nn.Module:
     """A small random open_clip CLIP (fast on CPU) with a ViT or a ModifiedResNet image tower."""
     torch.manual_seed(seed)
     if kind == "vit":
-        vision = dict(image_size=64, patch_size=16, width=64, layers=2, head_width=16)
+        vision = dict(image_size=64, patch_size=16, width=64, layers=layers, head_width=16)
     else:
         vision = dict(image_size=64, layers=(1, 1, 1, 1), width=16, head_width=16)
     text = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)

@@ -7,6 +7,23 @@ import torch
 import torch.nn.functional as F
 
 from vocaseg.backbone import CLIPBackbone
+from vocaseg.towers import LateClassTokenViT
+
+from conftest import tiny_clip
+
+
+@pytest.fixture(scope="module", params=["class-token-first", "class-token-last-block", "class-token-mid"])
+def any_vit(request, vit_model):
+    """open_clip's ViT, and vocaseg's late-class-token variant joining before the last / a middle block."""
+    if request.param == "class-token-first":
+        return vit_model
+    if request.param == "class-token-last-block":
+        model = tiny_clip("vit", layers=2)
+        LateClassTokenViT.convert(model.visual, 1)
+    else:
+        model = tiny_clip("vit", layers=3)
+        LateClassTokenViT.convert(model.visual, 1)
+    return model
 
 
 def _last_block_input(model, pixels):
@@ -69,26 +86,26 @@ def _reference_vit(model, pixels, rule):
 
 
 @pytest.mark.parametrize("rule", ["maskclip", "raw", "sclip", "clearclip", "naclip"])
-def test_vit_rules_match_formulas(vit_model, rule):
+def test_vit_rules_match_formulas(any_vit, rule):
     pixels = torch.randn(2, 3, 64, 64)
-    ours = CLIPBackbone(vit_model).dense(pixels, rule).features
+    ours = CLIPBackbone(any_vit).dense(pixels, rule).features
     with torch.no_grad():
-        ref = _reference_vit(vit_model, pixels, rule)
+        ref = _reference_vit(any_vit, pixels, rule)
     assert ours.shape == (2, 32, 4, 4)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
 
-def test_vit_raw_matches_open_clip_tokens(vit_model):
-    """raw == open_clip's own token output projected (an independent path through the model)."""
+def test_vit_raw_matches_open_clip_tokens(any_vit):
+    """raw == the tower's own token output projected (an independent path through the model)."""
     pixels = torch.randn(2, 3, 64, 64)
-    vit_model.visual.output_tokens = True
+    any_vit.visual.output_tokens = True
     try:
         with torch.no_grad():
-            _, tokens = vit_model.visual(pixels)
+            _, tokens = any_vit.visual(pixels)
     finally:
-        vit_model.visual.output_tokens = False
-    ref = F.normalize(tokens @ vit_model.visual.proj, dim=-1).transpose(1, 2).reshape(2, -1, 4, 4)
-    torch.testing.assert_close(CLIPBackbone(vit_model).dense(pixels, "raw").features, ref, atol=2e-5, rtol=1e-4)
+        any_vit.visual.output_tokens = False
+    ref = F.normalize(tokens @ any_vit.visual.proj, dim=-1).transpose(1, 2).reshape(2, -1, 4, 4)
+    torch.testing.assert_close(CLIPBackbone(any_vit).dense(pixels, "raw").features, ref, atol=2e-5, rtol=1e-4)
 
 
 def test_maskclip_differs_from_raw(vit_model):

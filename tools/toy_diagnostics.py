@@ -10,7 +10,8 @@
 4. linear probe: how well a linear classifier fit on train scenes reads the thing class from the same
    dense features at thing patches: the identity that is there, aligned with the text or not;
 5. for class-token towers: the class token's thing knowledge (as in 2.) after each block, and
-   from the last block's attention output alone, the only part a value-path method reads.
+   from the last block's attention output alone, the only part a value-path method reads;
+6. where pixels go: MaskCLIP's best class among all sixteen, at thing and at stuff pixels.
 """
 
 import argparse
@@ -87,6 +88,19 @@ def main() -> None:
     linear_probe(seg, scenes, dense)
     class_token_by_block(seg, pixels, top_prompt_present)
 
+    # 6. all sixteen classes, as the synth protocol segments (whole image at the model's input size)
+    scores = F.interpolate(torch.einsum("bdhw,cd->bchw", dense, text), size=(size, size), mode="bilinear",
+                           align_corners=False)
+    best = scores.argmax(1)
+    stuff = len(STUFF_CLASSES)
+    right, called_thing = best == masks, best >= stuff
+    print(f"6. where pixels go (all {len(CLASSES)} classes): thing pixels "
+          f"{100 * right[at_things].float().mean():.1f}% right, "
+          f"{100 * (~right & called_thing)[at_things].float().mean():.1f}% another thing, "
+          f"{100 * (~called_thing)[at_things].float().mean():.1f}% a stuff class; stuff pixels "
+          f"{100 * right[~at_things].float().mean():.1f}% right, "
+          f"{100 * called_thing[~at_things].float().mean():.1f}% called a thing")
+
 
 def _patch_labels(scenes, grid: int) -> torch.Tensor:
     """(B, grid*grid) class id at each patch centre."""
@@ -132,16 +146,20 @@ def class_token_by_block(seg, pixels, top_prompt_present) -> None:
     if getattr(visual, "pool_type", "tok") != "tok":
         print(f"5. (image embedding pools {visual.pool_type!r}, not the class token: nothing to decompose)")
         return
-    states = visual.forward_intermediates(pixels, output_fmt="NLC", output_extra_tokens=True, intermediates_only=True)
-    class_tokens = [prefix[:, 0] for prefix in states["image_intermediates_prefix"]]  # after each block
-    per_block = [top_prompt_present(visual.ln_post(c) @ visual.proj) for c in class_tokens]
+    joins = getattr(visual, "class_token_block", 0)  # vocaseg's LateClassTokenViT: the class token joins late
+    if joins == 0:
+        states = visual.forward_intermediates(pixels, output_fmt="NLC", output_extra_tokens=True,
+                                              intermediates_only=True)
+        class_tokens = [prefix[:, 0] for prefix in states["image_intermediates_prefix"]]  # after each block
+        per_block = [top_prompt_present(visual.ln_post(c) @ visual.proj) for c in class_tokens]
+        where = (f"after blocks 1..{len(per_block)}: " + " ".join(f"{a:.1f}" for a in per_block))
+    else:
+        where = f"(the class token joins before block {joins + 1} of {len(visual.transformer.resblocks)})"
     last = visual.transformer.resblocks[-1]
-    before_last = last.ln_1(torch.cat([states["image_intermediates_prefix"][-2], states["image_intermediates"][-2]], 1))
+    before_last = last.ln_1(seg.backbone.tokens_before_last_block(pixels)[0])
     attn_out = last.ls_1(last.attn(before_last, before_last, before_last, need_weights=False)[0])
-    print(f"5. class token, top thing prompt present after blocks 1..{len(per_block)}: "
-          + " ".join(f"{a:.1f}" for a in per_block)
-          + f"; from the last block's attention output alone: "
-            f"{top_prompt_present(visual.ln_post(attn_out[:, 0]) @ visual.proj):.1f}%")
+    print(f"5. class token, top thing prompt present {where}; from the last block's attention output alone: "
+          f"{top_prompt_present(visual.ln_post(attn_out[:, 0]) @ visual.proj):.1f}%")
 
 
 if __name__ == "__main__":

@@ -107,27 +107,29 @@ class CLIPBackbone(nn.Module):
                 f"method {rule!r} is defined for ViT image towers; ResNet towers support {', '.join(RESNET_RULES)}")
         return self._dense_resnet(pixels, rule, with_keys)
 
-    def _vit_tokens_before_last_block(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def tokens_before_last_block(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """ViT: the tokens entering the last block, (B, 1 + h*w, width) with the class token first, and (h, w)."""
         visual = self.clip.visual
         x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
         grid = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1)
-        x = x + _interpolate_grid_embedding(visual.positional_embedding, grid).to(x.dtype)
-        x = visual.ln_pre(x)
+        pos = _interpolate_grid_embedding(visual.positional_embedding, grid).to(x.dtype)
+        x = visual.ln_pre(x.flatten(2).transpose(1, 2) + pos[1:])
+        cls = visual.ln_pre(visual.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
+        # open_clip's towers add the class token before block 0; vocaseg's LateClassTokenViT later
+        joins = getattr(visual, "class_token_block", 0)
+        blocks = visual.transformer.resblocks
         batch_first = getattr(visual.transformer, "batch_first", True)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        for block in visual.transformer.resblocks[:-1]:
-            x = block(x)
-        if not batch_first:
-            x = x.transpose(0, 1)
+        for i, block in enumerate(blocks):
+            if i == joins:
+                x = torch.cat([cls, x], dim=1)
+            if i == len(blocks) - 1:
+                break
+            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
         return x, grid
 
     def _dense_vit(self, pixels: torch.Tensor, rule: str, with_keys: bool) -> DenseOutput:
         visual = self.clip.visual
-        x, grid = self._vit_tokens_before_last_block(pixels)
+        x, grid = self.tokens_before_last_block(pixels)
         block = visual.transformer.resblocks[-1]
         attn: nn.MultiheadAttention = block.attn
         b, n, c = x.shape

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import logging
 import os
 import socket
@@ -22,6 +23,8 @@ from urllib.parse import urlparse
 
 import open_clip
 import torch
+
+from .towers import apply_tower_config
 
 TOY_DIR = Path(__file__).parent / "assets" / "toy"
 TOY_WEIGHTS = TOY_DIR / "open_clip_model.safetensors"
@@ -168,6 +171,7 @@ def load_clip(
             weights = pretrained
         with _weights_loaded_after():
             model = open_clip.create_model(spec, load_weights=False, device="cpu")
+        apply_tower_config(model, json.loads((local / "open_clip_config.json").read_text()))
         if weights is not None:
             open_clip.load_checkpoint(model, weights, strict=True)
         tokenizer = open_clip.get_tokenizer(spec)

@@ -32,7 +32,7 @@ from .checkpoint import load_checkpoint, restore_training_state, save_checkpoint
 class ClipPretrainConfig:
     out: str
     model: str = "toy"
-    steps: int = 1200
+    steps: int = 2400
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
