@@ -17,12 +17,8 @@ def any_vit(request, vit_model):
     """open_clip's ViT, and vocaseg's late-class-token variant joining before the last / a middle block."""
     if request.param == "class-token-first":
         return vit_model
-    if request.param == "class-token-last-block":
-        model = tiny_clip("vit", layers=2)
-        LateClassTokenViT.convert(model.visual, 1)
-    else:
-        model = tiny_clip("vit", layers=3)
-        LateClassTokenViT.convert(model.visual, 1)
+    model = tiny_clip("vit", layers={"class-token-last-block": 2, "class-token-mid": 3}[request.param])
+    LateClassTokenViT.convert(model.visual, 1)
     return model
 
 

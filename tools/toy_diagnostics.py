@@ -1,4 +1,4 @@
-"""Where a CLIP trained on the synthetic world stands on things, at three levels (README, "The toy CLIP").
+"""Where a CLIP trained on the synthetic world stands on things, image level and dense (README, "The toy CLIP").
 
     python tools/toy_diagnostics.py [MODEL] [--scenes N]
 

@@ -62,6 +62,29 @@ def input_size(visual: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def vit_tokens(visual: nn.Module, pixels: torch.Tensor, stop: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An open_clip ViT's tokens entering block ``stop`` (the tower's output for ``stop`` = its depth), batch first.
+
+    The class token joins before block ``visual.class_token_block``: 0 in open_clip's towers, later in
+    vocaseg's ``LateClassTokenViT`` (towers.py), whose forward is this function plus the pooling.
+    Returns the tokens, class token first once it has joined, and the patch grid (h, w).
+    """
+    x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
+    grid = (x.shape[-2], x.shape[-1])
+    pos = _interpolate_grid_embedding(visual.positional_embedding, grid)
+    x = visual.ln_pre(x.flatten(2).transpose(1, 2) + pos[1:].to(x.dtype))
+    cls = visual.ln_pre((visual.class_embedding + pos[0]).to(x.dtype)).expand(x.shape[0], 1, -1)
+    joins = getattr(visual, "class_token_block", 0)
+    batch_first = getattr(visual.transformer, "batch_first", True)
+    for i, block in enumerate(visual.transformer.resblocks[:stop]):
+        if i == joins:
+            x = torch.cat([cls, x], dim=1)
+        x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+    if joins == stop:
+        x = torch.cat([cls, x], dim=1)
+    return x, grid
+
+
 class CLIPBackbone(nn.Module):
     """Adapter over an open_clip CLIP model: text embeddings and dense image features."""
 
@@ -109,23 +132,7 @@ class CLIPBackbone(nn.Module):
 
     def tokens_before_last_block(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """ViT: the tokens entering the last block, (B, 1 + h*w, width) with the class token first, and (h, w)."""
-        visual = self.clip.visual
-        x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
-        grid = (x.shape[-2], x.shape[-1])
-        pos = _interpolate_grid_embedding(visual.positional_embedding, grid).to(x.dtype)
-        x = visual.ln_pre(x.flatten(2).transpose(1, 2) + pos[1:])
-        cls = visual.ln_pre(visual.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
-        # open_clip's towers add the class token before block 0; vocaseg's LateClassTokenViT later
-        joins = getattr(visual, "class_token_block", 0)
-        blocks = visual.transformer.resblocks
-        batch_first = getattr(visual.transformer, "batch_first", True)
-        for i, block in enumerate(blocks):
-            if i == joins:
-                x = torch.cat([cls, x], dim=1)
-            if i == len(blocks) - 1:
-                break
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
-        return x, grid
+        return vit_tokens(self.clip.visual, pixels, len(self.clip.visual.transformer.resblocks) - 1)
 
     def _dense_vit(self, pixels: torch.Tensor, rule: str, with_keys: bool) -> DenseOutput:
         visual = self.clip.visual

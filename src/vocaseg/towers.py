@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from open_clip.transformer import VisionTransformer
 
+from .backbone import vit_tokens
+
 CONFIG_KEY = "vocaseg"
 
 
@@ -46,24 +48,8 @@ class LateClassTokenViT(VisionTransformer):
         visual.class_token_block = class_token_block
         return visual
 
-    def patch_tokens(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Pixels -> (B, h*w, width) patch embeddings + positions, after ln_pre. ``pos``: (1 + h*w, width)."""
-        pos = self.positional_embedding if pos is None else pos
-        x = self.conv1(x).flatten(2).transpose(1, 2)
-        return self.ln_pre(x + pos[1:].to(x.dtype))
-
-    def class_token(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
-        """(B, 1, width): the class embedding with its position, after ln_pre (as in open_clip)."""
-        tok = (self.class_embedding + self.positional_embedding[0]).to(dtype)
-        return self.ln_pre(tok).expand(batch, 1, -1)
-
     def forward(self, x: torch.Tensor):
-        x = self.patch_tokens(x)
-        batch_first = getattr(self.transformer, "batch_first", True)
-        for i, block in enumerate(self.transformer.resblocks):
-            if i == self.class_token_block:
-                x = torch.cat([self.class_token(x.shape[0], x.dtype), x], dim=1)
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+        x, _ = vit_tokens(self, x, len(self.transformer.resblocks))
         pooled, tokens = self._pool(x)
         if self.proj is not None:
             pooled = pooled @ self.proj
