@@ -170,7 +170,29 @@ def test_positional_embedding_interpolates_to_any_grid(vit_model):
     torch.testing.assert_close(out.norm(dim=1), torch.ones(1, 6, 10))
 
 
-def test_keys_are_normalised_patch_keys(vit_model):
-    out = CLIPBackbone(vit_model).dense(torch.randn(1, 3, 64, 64), "maskclip", with_keys=True)
-    assert out.keys.shape == (1, 16, 64)
-    torch.testing.assert_close(out.keys.norm(dim=-1), torch.ones(1, 16))
+@pytest.mark.parametrize("kind", ["paper", "official"])
+def test_keys_for_key_smoothing(vit_model, kind):
+    """paper: the last block's keys W_k ln_1(x) + b_k; official (MaskCLIP's code): those keys through
+    the attention's out_proj. Patch tokens only, not normalised."""
+    backbone = CLIPBackbone(vit_model)
+    pixels = torch.randn(2, 3, 64, 64)
+    out = backbone.dense(pixels, "maskclip", keys=kind)
+    x, _ = backbone.tokens_before_last_block(pixels)
+    block = vit_model.visual.transformer.resblocks[-1]
+    c = x.shape[-1]
+    k = block.ln_1(x) @ block.attn.in_proj_weight[c:2 * c].T + block.attn.in_proj_bias[c:2 * c]
+    if kind == "official":
+        k = k @ block.attn.out_proj.weight.T + block.attn.out_proj.bias
+    assert out.keys.shape == (2, 16, 64)
+    torch.testing.assert_close(out.keys, k[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_resnet_keys_are_k_proj(resnet_model):
+    backbone = CLIPBackbone(resnet_model)
+    pixels = torch.randn(1, 3, 64, 64)
+    visual = resnet_model.visual
+    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(pixels)))))
+    tokens = x.flatten(2).transpose(1, 2)
+    for kind in ("paper", "official"):
+        torch.testing.assert_close(backbone.dense(pixels, "maskclip", keys=kind).keys,
+                                   visual.attnpool.k_proj(tokens), atol=1e-5, rtol=1e-5)

@@ -90,19 +90,55 @@ def test_window_starts_cover_and_end_flush():
     assert window_starts(500, 224, 112) == [0, 112, 224, 276]
 
 
-def test_key_smoothing_formula():
+def test_key_smoothing_paper_formula():
+    """Eq. 5 of MaskCLIP: p_i <- sum_j cos(k_i, k_j) p_j where max_c p_i < t."""
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 2, 2) * 0.02
-    keys = torch.nn.functional.normalize(torch.randn(1, 4, 5), dim=-1)
-    out = key_smoothing(logits, keys, threshold=0.5)
+    keys = torch.randn(1, 4, 5)
+    out = key_smoothing(logits, keys, threshold=0.5, mode="paper")
     p = torch.softmax(100 * logits.flatten(2), dim=1)[0]  # (C, N)
+    kn = keys[0] / keys[0].norm(dim=-1, keepdim=True)
     for i in range(4):
         if p[:, i].max() < 0.5:
-            ref = sum((keys[0, i] @ keys[0, j]) * p[:, j] for j in range(4)).clamp_min(1e-8)
+            ref = sum((kn[i] @ kn[j]) * p[:, j] for j in range(4)).clamp_min(1e-8)
             got = torch.softmax(100 * out.flatten(2)[0, :, i], 0)
             torch.testing.assert_close(got, ref / ref.sum(), atol=1e-5, rtol=1e-4)
         else:
             torch.testing.assert_close(out.flatten(2)[0, :, i], logits.flatten(2)[0, :, i])
+
+
+def test_key_smoothing_official_computation():
+    """MaskCLIP's released refine_output, re-computed step by step: probabilities softmax(100 x),
+    keys (N, hw, C) L2-normalised along dim 1 (each channel over the positions), weight = k k^T,
+    smoothed where the max probability is below ks_thresh = 1.0."""
+    torch.manual_seed(1)
+    n, c, h, w, kd = 2, 4, 3, 5, 8
+    logits = torch.randn(n, c, h, w) * 0.03
+    keys = torch.randn(n, h * w, kd) + 0.5  # a shared component, as real keys have
+    out = key_smoothing(logits, keys, threshold=1.0, mode="official")
+    prob = torch.softmax(logits * 100, dim=1).view(n, c, -1).transpose(-2, -1)  # (N, hw, C)
+    k = keys / keys.norm(p=2, dim=1, keepdim=True)
+    weighted = (k @ k.transpose(-2, -1)) @ prob
+    selected = (prob.max(dim=-1, keepdim=True)[0] < 1.0).expand(-1, -1, c)
+    ref = prob.clone()
+    ref[selected] = weighted[selected]
+    assert selected.any()
+    # ours returns log(p / sum p) / 100 per location: its softmax(100 x) is the renormalised official output
+    got = torch.softmax(100 * out, dim=1).view(n, c, -1).transpose(-2, -1)
+    ref = ref.clamp_min(1e-8)
+    torch.testing.assert_close(got, ref / ref.sum(-1, keepdim=True), atol=1e-5, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    with pytest.raises(ValueError):
+        key_smoothing(logits, keys, 1.0, mode="cosine")
+
+
+def test_key_smoothing_default_is_official_everywhere(seg):
+    s = seg.with_options(key_smoothing=True)
+    assert s.config.key_smoothing == 1.0 and s.config.key_smoothing_mode == "official"
+    assert s.model.key_smoothing == 1.0 and s.model.key_smoothing_mode == "official"
+    paper = seg.with_options(key_smoothing=True, key_smoothing_mode="paper")
+    a, b = s.predict(_img(64, 64), CLASSES), paper.predict(_img(64, 64), CLASSES)
+    assert not torch.allclose(a.logits, b.logits)
 
 
 def test_prompt_denoising_drops_unlikely_classes():

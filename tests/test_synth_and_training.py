@@ -81,7 +81,7 @@ def test_training_resume_is_exact(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError):
         _train(tmp_path / "resumed")  # never silently restart over an existing run
     info = _train(tmp_path / "resumed", resume=True)
-    assert info["steps_done"] == 4
+    assert info["steps"] == 4
     a = load_file(str(tmp_path / "straight" / "open_clip_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "open_clip_model.safetensors"))
     for k in a:

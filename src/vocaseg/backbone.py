@@ -27,10 +27,13 @@ RESNET_RULES = ("maskclip", "raw")
 NACLIP_SIGMA = 5.0
 
 
+KEY_KINDS = ("official", "paper")
+
+
 @dataclass
 class DenseOutput:
     features: torch.Tensor  # (B, D, h, w) float32, L2-normalised along D
-    keys: torch.Tensor | None  # (B, h*w, K) float32, L2-normalised keys of the last attention
+    keys: torch.Tensor | None  # (B, h*w, K) float32 patch keys of the last attention (not normalised)
 
 
 def _interpolate_grid_embedding(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> torch.Tensor:
@@ -117,24 +120,31 @@ class CLIPBackbone(nn.Module):
 
     # ----------------------------------------------------------------- image
     @torch.no_grad()
-    def dense(self, pixels: torch.Tensor, rule: str = "maskclip", with_keys: bool = False) -> DenseOutput:
-        """pixels (B,3,H,W) normalised -> features (B,D,H/s,W/s); H and W must be multiples of the stride."""
+    def dense(self, pixels: torch.Tensor, rule: str = "maskclip", keys: str | None = None) -> DenseOutput:
+        """pixels (B,3,H,W) normalised -> features (B,D,H/s,W/s); H and W must be multiples of the stride.
+
+        keys: also return the last attention's patch keys for key smoothing: ``"paper"`` = the keys
+        ``W_k ln_1(x) + b_k`` (MaskCLIP Eq. 5); ``"official"`` = the same passed through the attention's
+        ``out_proj``, as MaskCLIP's released code does for ViTs (ResNets: ``k_proj`` either way).
+        """
+        if keys is not None and keys not in KEY_KINDS:
+            raise ValueError(f"keys must be one of {KEY_KINDS} or None, not {keys!r}")
         if rule not in RULES:
             raise ValueError(f"unknown method {rule!r}; choose one of {', '.join(RULES)}")
         if pixels.shape[-1] % self.stride or pixels.shape[-2] % self.stride:
             raise ValueError(f"input size {tuple(pixels.shape[-2:])} is not a multiple of the stride {self.stride}")
         if self.kind == "vit":
-            return self._dense_vit(pixels, rule, with_keys)
+            return self._dense_vit(pixels, rule, keys)
         if rule not in RESNET_RULES:
             raise NotImplementedError(
                 f"method {rule!r} is defined for ViT image towers; ResNet towers support {', '.join(RESNET_RULES)}")
-        return self._dense_resnet(pixels, rule, with_keys)
+        return self._dense_resnet(pixels, rule, keys)
 
     def tokens_before_last_block(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """ViT: the tokens entering the last block, (B, 1 + h*w, width) with the class token first, and (h, w)."""
         return vit_tokens(self.clip.visual, pixels, len(self.clip.visual.transformer.resblocks) - 1)
 
-    def _dense_vit(self, pixels: torch.Tensor, rule: str, with_keys: bool) -> DenseOutput:
+    def _dense_vit(self, pixels: torch.Tensor, rule: str, keys: str | None) -> DenseOutput:
         visual = self.clip.visual
         x, grid = self.tokens_before_last_block(pixels)
         block = visual.transformer.resblocks[-1]
@@ -171,10 +181,11 @@ class CLIPBackbone(nn.Module):
                 z = out
         f = visual.ln_post(z[:, 1:]) @ visual.proj
         features = F.normalize(f.float(), dim=-1).transpose(1, 2).reshape(b, -1, *grid)
-        keys = F.normalize(k[:, 1:].float(), dim=-1) if with_keys else None
-        return DenseOutput(features, keys)
+        if keys == "official":
+            k = attn.out_proj(k)
+        return DenseOutput(features, k[:, 1:].float() if keys else None)
 
-    def _dense_resnet(self, pixels: torch.Tensor, rule: str, with_keys: bool) -> DenseOutput:
+    def _dense_resnet(self, pixels: torch.Tensor, rule: str, keys: str | None) -> DenseOutput:
         visual = self.clip.visual
         x = visual.stem(pixels.to(visual.conv1.weight.dtype))
         x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
@@ -192,5 +203,4 @@ class CLIPBackbone(nn.Module):
             mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w + 1, -1)
             f = pool.c_proj(mixed)[:, 1:]
         features = F.normalize(f.float(), dim=-1).transpose(1, 2).reshape(b, -1, h, w)
-        keys = F.normalize(pool.k_proj(tokens).float(), dim=-1) if with_keys else None
-        return DenseOutput(features, keys)
+        return DenseOutput(features, pool.k_proj(tokens).float() if keys else None)

@@ -5,6 +5,8 @@
   vocaseg eval --dataset voc21 --data-root data/VOCdevkit --out voc21.json
   vocaseg score --dataset ade150 --data-root data/ade --pred-dir preds/ --out ade.json
   vocaseg train clip --out runs/toy
+  vocaseg train maskclip-plus --preset synth --out runs/mcp
+  vocaseg list                                  # models, methods, shipped runs, datasets, presets
   vocaseg bench
 """
 
@@ -32,16 +34,23 @@ class UserError(Exception):
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16") -> None:
     g = p.add_argument_group("model and method")
-    g.add_argument("--model", default=default_model, help=f"open_clip architecture, 'toy', or a folder with "
-                   f"open_clip_config.json (default: {default_model})")
-    g.add_argument("--pretrained", default="default", help="weights: 'default', an open_clip tag, a file, or 'none'")
-    g.add_argument("--method", default="maskclip", choices=["maskclip", "raw", "sclip", "clearclip", "naclip"],
-                   help="how the last block forms dense features (default: maskclip)")
+    g.add_argument("--model", default=default_model, help=f"open_clip architecture, 'toy', a folder with "
+                   f"open_clip_config.json, a run folder from `vocaseg train` or a shipped run such as "
+                   f"toy-maskclip-plus (`vocaseg list` shows them; default: {default_model})")
+    g.add_argument("--pretrained", default="default", help="CLIP weights: 'default', an open_clip tag, a file, or "
+                   "'none' (for a run folder: 'default' = the weights it was trained with)")
+    g.add_argument("--method", default=None, metavar="METHOD",
+                   help="a training-free rule (maskclip, raw, sclip, clearclip, naclip) or, for a run folder, its "
+                   "trained method (default: maskclip for a CLIP, the trained method for a run)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--templates", default=None,
                    help="prompt templates: maskclip85 (default for segment), imagenet80, plain, photo, or a file")
-    g.add_argument("--key-smoothing", type=float, nargs="?", const=0.5, default=None, metavar="T",
-                   help="MaskCLIP key smoothing below confidence T (default T: 0.5)")
+    g.add_argument("--key-smoothing", type=float, nargs="?", const=1.0, default=None, metavar="T",
+                   help="MaskCLIP key smoothing where the max class probability is below T (default T: 1.0, "
+                   "i.e. everywhere, as MaskCLIP's code)")
+    g.add_argument("--key-smoothing-mode", choices=["official", "paper"], default=None,
+                   help="official (default): MaskCLIP's code, keys through out_proj normalised over positions; "
+                   "paper: Eq. 5, cosine between per-token keys")
     g.add_argument("--prompt-denoising", type=float, nargs="?", const=0.5, default=None, metavar="T",
                    help="MaskCLIP prompt denoising: drop classes never above confidence T (default T: 0.5)")
     g.add_argument("--pamr", action="store_true", help="refine masks along image edges (PAMR)")
@@ -61,7 +70,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16")
 def _inference_options(args, base: dict | None = None) -> dict:
     opts = dict(base or {})
     for key in ("mode", "short_side", "window", "stride", "logit_scale", "prob_threshold", "area_threshold",
-                "key_smoothing", "prompt_denoising"):
+                "key_smoothing", "key_smoothing_mode", "prompt_denoising"):
         value = getattr(args, key)
         if value is not None:
             opts[key] = value
@@ -86,10 +95,21 @@ def _device(name: str | None) -> str:
 
 def _load_segmenter(args, templates, options: dict):
     from . import Segmenter
+    from .runs import find_run
 
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    if find_run(args.model) is not None:
+        templates = None  # a run prompts with the templates it was trained with, unless --templates says otherwise
     return Segmenter.from_pretrained(args.model, pretrained=pretrained, method=args.method,
                                      device=_device(args.device), templates=args.templates or templates, **options)
+
+
+def _run_inference_defaults(model: str) -> dict:
+    """A run folder's own inference defaults (its paper's protocol), or {} for a CLIP."""
+    from .runs import find_run, read_run_info
+
+    run = find_run(model)
+    return read_run_info(run).get("inference", {}) if run is not None else {}
 
 
 # ---------------------------------------------------------------------------- segment
@@ -159,7 +179,7 @@ def cmd_segment(args) -> int:
                 json_path.write_text(json.dumps({
                     "image": str(p), "size": list(res.size), "classes": res.classes,
                     "fractions": res.fractions(), "model": args.model, "pretrained": args.pretrained,
-                    "method": args.method, "labels": label_path.name, "overlay": overlay_path.name}, indent=2))
+                    "method": seg.method, "labels": label_path.name, "overlay": overlay_path.name}, indent=2))
                 done += 1
         bar.update(len(chunk))
     bar.close()
@@ -172,7 +192,7 @@ def _dataset_from_args(args):
     from .data.datasets import build_dataset
 
     folder = dict(image_dir=args.image_dir, label_dir=args.label_dir, classes_file=args.classes_file,
-                  ignore_index=args.ignore_index, length=args.limit)
+                  ignore_index=args.ignore_index, length=args.limit, seed=getattr(args, "synth_seed", None))
     return build_dataset(args.dataset, args.data_root, args.split, **folder)
 
 
@@ -204,7 +224,8 @@ def cmd_eval(args) -> int:
 
     dataset = _dataset_from_args(args)
     split = _split_from_args(args, dataset)
-    options = _inference_options(args, dataset.protocol)
+    # the dataset's protocol, then a trained run's own (e.g. whole image), then what the command line says
+    options = _inference_options(args, {**dataset.protocol, **_run_inference_defaults(args.model)})
     distributed = "RANK" in __import__("os").environ and not torch.distributed.is_initialized()
     if distributed:
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
@@ -219,7 +240,7 @@ def cmd_eval(args) -> int:
     result["seconds"] = round(time.time() - t0, 1)
     result["config"] = {"dataset": dataset.name, "data_root": args.data_root, "split": args.split,
                         "split_set": args.split_set, "model": args.model, "pretrained": args.pretrained,
-                        "method": args.method, "templates": args.templates or dataset.templates,
+                        "method": seg.method, "templates": args.templates or dataset.templates,
                         "inference": {k: (list(v) if isinstance(v, tuple) else v)
                                       for k, v in vars(seg.config).items()},
                         "command": " ".join(sys.argv)}
@@ -251,6 +272,95 @@ def cmd_train_clip(args) -> int:
                              workers=args.workers, checkpoint_every=args.checkpoint_every,
                              device=_device(args.device), resume=args.resume)
     train_clip(cfg)
+    return 0
+
+
+MCP_OPTIONS = ("model", "pretrained", "dataset", "data_root", "train_split", "setting", "split_set", "unlabeled",
+               "void_from_gt", "student", "student_weights", "augment", "crop", "steps", "batch_size", "lr",
+               "weight_decay", "self_training_from", "teacher_key_smoothing", "teacher_key_smoothing_mode",
+               "teacher_prompt_denoising", "confidence", "learned_background", "templates", "eval_split",
+               "eval_images", "eval_every", "synth_seed", "precision", "seed", "workers", "checkpoint_every",
+               "resume", "overwrite")
+
+
+def _resumed_config(out: Path, overrides: dict, changeable: tuple[str, ...]) -> dict:
+    """The saved config of the run in ``out``, with the few options that may change on resume."""
+    import torch
+
+    state = out / "state.pt"
+    if not state.is_file():
+        raise UserError(f"nothing to resume in {out}: no state.pt (start without --resume)")
+    saved = dict(torch.load(state, map_location="cpu", weights_only=False).get("config") or {})
+    differ = [k for k, v in overrides.items() if v is not None and k not in changeable and k in saved
+              and saved[k] != v]
+    if differ:
+        raise UserError(f"--resume continues the run in {out} as it was started; these options differ from it: "
+                        f"{', '.join(differ)} (start a new run with another --out instead)")
+    saved.pop("out", None)
+    saved.pop("device", None)
+    return {**saved, **{k: v for k, v in overrides.items() if v is not None and k in changeable}}
+
+
+def cmd_train_maskclip_plus(args) -> int:
+    from .methods.maskclip_plus import make_config, train_maskclip_plus
+
+    overrides = {k: getattr(args, k) for k in MCP_OPTIONS}
+    if args.resume:  # a resumed run continues with the configuration it was started with
+        overrides = _resumed_config(Path(args.out), overrides, ("workers", "checkpoint_every", "resume", "precision"))
+    if overrides["self_training_from"] is not None and overrides["self_training_from"] <= 0:
+        overrides["self_training_from"] = 10 ** 12  # "never": guided learning throughout
+    for key in ("pretrained", "student_weights"):
+        if str(overrides[key]).lower() == "none":
+            overrides[key] = "none"
+    try:
+        cfg = make_config(None if args.resume else args.preset, out=args.out, device=_device(args.device),
+                          **overrides)
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err)) from None
+    if cfg.pretrained == "none":
+        cfg.pretrained = None
+    summary = train_maskclip_plus(cfg)
+    ev = summary.get("eval") or {}
+    print(f"{summary['steps']} steps in {summary['train_seconds_this_run']:.0f} s "
+          f"({summary['steps_per_s_this_run']:.2f} steps/s); held-out: "
+          + (", ".join(f"{k} {v}" for k, v in ev.items()) or "none"))
+    return 0
+
+
+def cmd_list(args) -> int:
+    import open_clip
+
+    from .backbone import RULES
+    from .data.datasets import DATASET_NAMES
+    from .evaluation import ZERO_SHOT_SPLITS
+    from .methods import METHODS
+    from .methods.maskclip_plus import PRESETS
+    from .runs import read_run_info, shipped_runs
+    from .students import list_students
+
+    archs = open_clip.list_models()
+    print("models:")
+    print("  toy                   the small CLIP shipped with vocaseg (synthetic world, offline)")
+    print(f"  {len(archs)} open_clip architectures, e.g. ViT-B-16, ViT-L-14, RN50 (with --pretrained TAG or FILE)")
+    print("  a folder with open_clip_config.json, or a run folder written by `vocaseg train`")
+    print("methods:")
+    print(f"  training-free: {', '.join(RULES)}")
+    for entry in METHODS.values():
+        print(f"  {entry.name:<20s}  {entry.summary} (train: vocaseg train {entry.name})")
+    print("shipped runs (--model NAME):")
+    runs = shipped_runs()
+    for name, path in runs.items():
+        info = read_run_info(path)
+        ev = (info.get("trained") or {}).get("eval") or {}
+        score = ", ".join(f"{k} {v}" for k, v in ev.items() if "IoU" in k)
+        print(f"  {name:<24s} {info['method']} ({info.get('setting')}, {info.get('dataset')}"
+              f"{', ' + info['split_set'] if info.get('split_set') else ''}) {score}")
+    if not runs:
+        print("  none")
+    print(f"datasets: {', '.join(DATASET_NAMES)}")
+    print(f"zero-shot split sets: {', '.join(ZERO_SHOT_SPLITS)} (or --split-set 'unseen:cls a,cls b')")
+    print(f"students: {', '.join(list_students())}")
+    print(f"maskclip-plus presets: {', '.join(PRESETS)}")
     return 0
 
 
@@ -314,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--classes-file", default=None, help="folder dataset: class file (default classes.txt)")
         q.add_argument("--ignore-index", type=int, default=None, help="folder dataset: label value to ignore")
         q.add_argument("--limit", type=int, default=None, help="only the first N images (quick checks)")
+        q.add_argument("--synth-seed", type=int, default=None,
+                       help="synth: draw the scenes of the world seeded N instead of 0 (held-out worlds)")
         q.add_argument("--out", default=None, help="write the JSON result here")
         q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -361,6 +473,84 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.set_defaults(func=cmd_train_clip)
 
+    t = tsub.add_parser(
+        "maskclip-plus", help="MaskCLIP+: a DeepLab student on MaskCLIP pseudo-labels, then self-training",
+        formatter_class=fmt, description="Train MaskCLIP+ (Zhou et al., ECCV 2022, Sec. 3.4). A frozen MaskCLIP "
+        "teacher labels every augmented crop on the fly; the student's classifier is the frozen CLIP text "
+        "embeddings, so the result stays open-vocabulary. The run folder loads with --model OUT anywhere "
+        "(segment, eval, score, bench) and with Segmenter.from_pretrained(OUT).",
+        epilog="settings:\n"
+        "  annotation-free   every pixel pseudo-labelled by the teacher; no ground truth is read\n"
+        "  transductive      zero-shot: seen-class masks, unseen pixels pseudo-labelled among the unseen\n"
+        "                    classes (--unlabeled unseen-gt, the official rule) or every unlabelled pixel\n"
+        "                    among all classes (--unlabeled strict); self-training from --self-training-from\n"
+        "  supervised        a baseline: ground truth only (with --split-set: seen classes only)\n\n"
+        "presets (the papers' schedules; values you pass win):\n"
+        "  synth, synth_zs3                       the toy recipes (toy CLIP, synthetic world, CPU-sized)\n"
+        "  context59, coco_stuff171, voc20        annotation-free, ViT-B/16 teacher, DeepLabV2-R101\n"
+        "  voc_zs3, context_zs3, coco_stuff_zs3   transductive zero-shot, RN50 teacher\n\n"
+        "examples:\n"
+        "  vocaseg train maskclip-plus --preset synth --out runs/mcp\n"
+        "  vocaseg train maskclip-plus --preset synth_zs3 --out runs/mcp-zs3\n"
+        "  vocaseg train maskclip-plus --preset context59 --data-root data/VOCdevkit --out runs/ctx \\\n"
+        "      --pretrained /path/ViT-B-16.pt --student-weights /path/resnet101.pth\n"
+        "  torchrun --nproc-per-node 4 -m vocaseg.cli train maskclip-plus --preset voc_zs3 --data-root ... --out ...\n"
+        "  vocaseg train maskclip-plus --out runs/mcp --resume          # continue an interrupted run exactly\n"
+        "  vocaseg eval --dataset synth --model runs/mcp               # then use it like any model")
+    t.add_argument("--out", required=True, help="run folder (never overwritten without --overwrite)")
+    t.add_argument("--preset", default=None, help="start from a preset (see below)")
+    g = t.add_argument_group("teacher and data")
+    g.add_argument("--model", default=None, help="the CLIP (teacher and text side): toy (default), an open_clip name "
+                   "or a model folder")
+    g.add_argument("--pretrained", default=None, help="its weights: a tag, a file, 'none' (default: 'default')")
+    g.add_argument("--dataset", default=None, help="synth (default) or any dataset of `vocaseg list`")
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--train-split", default=None, help="split to train on (default: train)")
+    g.add_argument("--setting", default=None, choices=["annotation-free", "transductive", "supervised"])
+    g.add_argument("--split-set", default=None, help="zero-shot split for transductive / supervised runs (synth_zs)")
+    g.add_argument("--unlabeled", default=None, choices=["unseen-gt", "strict"],
+                   help="transductive: which pixels are pseudo-labelled (default unseen-gt, the official rule)")
+    g.add_argument("--void-from-gt", action="store_const", const=True, default=None,
+                   help="annotation-free: ignore the dataset's void pixels, as the official runs (reads label files)")
+    g.add_argument("--teacher-key-smoothing", type=float, nargs="?", const=1.0, default=None, metavar="T",
+                   help="key smoothing in the teacher (default off, as the paper's headline runs)")
+    g.add_argument("--teacher-key-smoothing-mode", choices=["official", "paper"], default=None)
+    g.add_argument("--teacher-prompt-denoising", type=float, nargs="?", const=0.5, default=None, metavar="T")
+    g.add_argument("--confidence", type=float, default=None,
+                   help="ignore teacher labels less probable than this (default 0: off, as the paper)")
+    g.add_argument("--templates", default=None, help="prompt templates (default maskclip85)")
+    g = t.add_argument_group("student and schedule")
+    g.add_argument("--student", default=None, help="deeplabv2-toy (default), deeplabv2-r101, deeplabv3plus-r101 ...")
+    g.add_argument("--student-weights", default=None,
+                   help="backbone weights: 'default' (ImageNet where it exists), a local .pth, or 'none'")
+    g.add_argument("--learned-background", action="store_const", const=True, default=None,
+                   help="a learned background embedding as class 0 (Context ZS3)")
+    g.add_argument("--augment", default=None, choices=["synth", "voc_coco", "context"])
+    g.add_argument("--crop", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None, help="global batch per step (default 16)")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--self-training-from", type=int, default=None, metavar="STEP",
+                   help="first self-training step (0: never; default: the preset's, else never)")
+    g = t.add_argument_group("run")
+    g.add_argument("--eval-split", default=None, help="held-out split evaluated at the end (recorded, never used "
+                   "to choose weights; default val)")
+    g.add_argument("--eval-images", type=int, default=None, help="images of it (default 100; 0: none)")
+    g.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps (default: end only)")
+    g.add_argument("--synth-seed", type=int, default=None, help="seed of the synthetic world (default 0)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None)
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+    g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0)")
+    g.add_argument("--checkpoint-every", type=int, default=None)
+    g.add_argument("--resume", action="store_const", const=True, default=None, help="continue OUT/state.pt exactly")
+    g.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a run in OUT")
+    t.set_defaults(func=cmd_train_maskclip_plus)
+
+    p = sub.add_parser("list", help="models, methods, shipped runs, datasets, split sets, students, presets")
+    p.set_defaults(func=cmd_list)
+
     p = sub.add_parser("demo", help="offline demo: synth scenes segmented by the shipped toy CLIP")
     p.add_argument("--out", default="vocaseg-demo")
     p.add_argument("--scenes", type=int, default=6)
@@ -385,11 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import ModelNotFoundError, WeightsUnavailableError
     from .vocabulary import VocabularyError
 
+    from .runs import RunError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (UserError, VocabularyError, ModelNotFoundError, DatasetError, ImageReadError, WeightsUnavailableError,
-            FileExistsError, FileNotFoundError) as err:
+            FileExistsError, FileNotFoundError, RunError) as err:
         print(f"vocaseg {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

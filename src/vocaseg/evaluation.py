@@ -28,7 +28,7 @@ class ZeroShotSplit:
         names = [normalise_name(c) for c in classes]
         unseen = {normalise_name(c) for c in self.unseen}
         excluded = {normalise_name(c) for c in self.excluded}
-        missing = (unseen | excluded) - set(names)
+        missing = unseen - set(names)  # an excluded class may be absent (voc_zs3 on voc20: no background)
         if missing:
             raise ValueError(f"split {self.name}: classes {sorted(missing)} are not in the dataset's classes")
         is_unseen = [n in unseen for n in names]

@@ -22,13 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbone import RULES, CLIPBackbone
+from .backbone import KEY_KINDS, RULES, CLIPBackbone
+from .dense import REFINE_TEMPERATURE, Classifier, DenseModel, TrainingFreeModel, key_smoothing  # noqa: F401
 from .images import ImageInput, read_image
 from .vocabulary import TextEmbeddingCache, Vocabulary, resolve_templates
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-REFINE_TEMPERATURE = 100.0  # MaskCLIP's softmax(100 * cosine) for key smoothing / prompt denoising
+# Dropped classes (-inf) become this before any interpolation (inf - inf is NaN); far below any real
+# score, cosine or trained logit, so it never wins an argmax against a class that was kept.
+LOGIT_FLOOR = -1e4
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,14 @@ class InferenceConfig:
     mode: ``slide`` (windows of ``window`` px every ``stride`` px) or ``whole`` (one pass per image).
     window / stride: None means the model's input size / half of it.
     scales: multi-scale factors applied to ``short_side``; logits are averaged.
-    key_smoothing / prompt_denoising: a confidence threshold (MaskCLIP uses 0.5), or None for off.
+    key_smoothing: MaskCLIP key smoothing where the max class probability is below this threshold
+        (``True``: 1.0, i.e. everywhere, as MaskCLIP's code), or None for off.
+    key_smoothing_mode: ``official`` (MaskCLIP's code: ViT keys through out_proj, normalised over
+        positions) or ``paper`` (Eq. 5: per-token cosine of the keys).
+    prompt_denoising: drop classes whose max probability is below this (``True``: 0.5), None for off.
     pamr: pixel-adaptive mask refinement on the probabilities, guided by the image.
+    logit_scale: softmax temperature for cosine scores; a trained model that outputs logits
+        (``DenseModel.logit_scale`` set) uses its own scale instead.
     """
 
     mode: str = "slide"
@@ -54,6 +63,7 @@ class InferenceConfig:
     prob_threshold: float | None = None
     area_threshold: float | None = None
     key_smoothing: float | None = None
+    key_smoothing_mode: str = "official"
     prompt_denoising: float | None = None
     pamr: bool = False
     batch_size: int = 16
@@ -64,10 +74,12 @@ class InferenceConfig:
             raise ValueError(f"mode must be 'slide' or 'whole', not {self.mode!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
-        for name in ("key_smoothing", "prompt_denoising"):  # accept True as "on, default threshold"
+        if self.key_smoothing_mode not in KEY_KINDS:
+            raise ValueError(f"key_smoothing_mode must be one of {KEY_KINDS}, not {self.key_smoothing_mode!r}")
+        for name, default in (("key_smoothing", 1.0), ("prompt_denoising", 0.5)):  # True: on, default threshold
             value = getattr(self, name)
             if value is True:
-                object.__setattr__(self, name, 0.5)
+                object.__setattr__(self, name, default)
             elif value is False:
                 object.__setattr__(self, name, None)
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
@@ -164,20 +176,6 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return sorted({max(min(i * stride, length - window), 0) for i in range(n)})
 
 
-def key_smoothing(logits: torch.Tensor, keys: torch.Tensor, threshold: float) -> torch.Tensor:
-    """MaskCLIP KS on one batch: logits (B,C,h,w), keys (B,h*w,K) normalised -> logits (B,C,h,w).
-
-    Where the max class probability p = softmax(100 * logits) is below ``threshold``, p_i becomes
-    sum_j (k_i . k_j) p_j; returned as log-probabilities / 100 so the logit scale stays consistent.
-    """
-    b, c, h, w = logits.shape
-    p = torch.softmax(REFINE_TEMPERATURE * logits.flatten(2), dim=1)  # (B, C, N)
-    smoothed = torch.einsum("bnk,bmk,bcm->bcn", keys, keys, p).clamp_min(1e-8)
-    smoothed = torch.log(smoothed / smoothed.sum(1, keepdim=True)) / REFINE_TEMPERATURE
-    low = p.max(1, keepdim=True).values < threshold
-    return torch.where(low, smoothed, logits.flatten(2)).reshape(b, c, h, w)
-
-
 def prompt_denoising(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """MaskCLIP PD on one image: logits (C,h,w); classes whose max prob is below t are dropped."""
     p = torch.softmax(REFINE_TEMPERATURE * logits, dim=0)
@@ -213,19 +211,22 @@ def pamr(image: torch.Tensor, probs: torch.Tensor, iterations: int = 10,
 
 
 class Segmenter:
-    """Open-vocabulary segmentation with a frozen CLIP: name the classes, get a label map.
+    """Open-vocabulary segmentation with CLIP: name the classes, get a label map.
+
+    The method is a :class:`~vocaseg.dense.DenseModel` (the inference contract): a training-free
+    rule over a frozen CLIP, or a trained method loaded from a run folder. Either way the text side
+    is this CLIP's, so any class names work.
 
     >>> seg = Segmenter.from_pretrained("toy")                 # doctest: +SKIP
     >>> res = seg.predict("street.jpg", classes=["car", "road", "tree, bush"])  # doctest: +SKIP
     >>> res.labels.shape, res.probs.shape                      # doctest: +SKIP
     """
 
-    def __init__(self, clip_model: torch.nn.Module, tokenizer, method: str = "maskclip",
+    def __init__(self, clip_model: torch.nn.Module, tokenizer, method: str | None = None,
                  templates: Sequence[str] | str | None = None, *, mean: Sequence[float] = OPENAI_MEAN,
                  std: Sequence[float] = OPENAI_STD, device: str | torch.device | None = None,
-                 model_id: str | None = None, cache_dir: str | None = None, **config):
-        if method not in RULES:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RULES)}")
+                 model_id: str | None = None, cache_dir: str | None = None, model: DenseModel | None = None,
+                 **config):
         unknown = set(config) - CONFIG_FIELDS
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; options are {sorted(CONFIG_FIELDS)}")
@@ -233,10 +234,7 @@ class Segmenter:
             device = next(clip_model.parameters()).device
         self.device = torch.device(device)
         self.backbone = CLIPBackbone(clip_model.to(self.device).eval())
-        if method not in ("maskclip", "raw") and self.backbone.kind == "resnet":
-            raise NotImplementedError(f"method {method!r} needs a ViT image tower; ResNets support maskclip and raw")
         self.tokenizer = tokenizer
-        self.method = method
         self.templates = resolve_templates(templates)
         self.config = InferenceConfig(**config)
         self.mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
@@ -244,37 +242,76 @@ class Segmenter:
         # text embeddings go to disk only when the weights have a stable identity (tag or file)
         self.model_id = model_id
         self.text_cache = TextEmbeddingCache(cache_dir, enabled=model_id is not None)
+        self.trained = model.to(self.device).eval() if model is not None else None  # a trained method, if any
+        self._models: dict = {}  # training-free models by (rule, key smoothing), shared by with_options views
+        self.method = method or (model.name if model is not None else "maskclip")
+        self.model  # noqa: B018 - fail now on an unknown method or a rule the tower cannot run
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, name: str, pretrained: str | None = "default", method: str = "maskclip",
+    def from_pretrained(cls, name: str, pretrained: str | None = "default", method: str | None = None,
                         device: str | torch.device = "cpu", templates: Sequence[str] | str | None = None,
                         cache_dir: str | None = None, quick_gelu: bool | None = None, **config) -> "Segmenter":
-        """Load an open_clip model (``name`` + ``pretrained`` tag or file; ``"toy"`` is shipped)."""
+        """Load a model by name: an open_clip architecture with ``pretrained`` weights (a tag or a file),
+        ``"toy"`` (the small CLIP shipped with vocaseg), a run folder written by ``vocaseg train``, or
+        a shipped run's name (``toy-maskclip-plus`` ...). ``method`` defaults to ``maskclip`` for a CLIP
+        and to the trained method for a run; a run can also be asked for a training-free rule."""
         from .loading import load_clip
+        from .runs import find_run, load_run
 
+        run = find_run(name)
+        if run is not None:
+            return load_run(run, device=device, method=method, templates=templates, cache_dir=cache_dir,
+                            pretrained=pretrained, **config)
+        method = method or "maskclip"
         if method not in RULES:  # fail before loading any weights
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RULES)}")
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RULES)} "
+                             "(trained methods load from a run folder: --model runs/NAME)")
         loaded = load_clip(name, pretrained=pretrained, device=device, quick_gelu=quick_gelu)
-        model_id = None  # random weights are never cached on disk
-        if loaded.pretrained is not None:
-            model_id = f"{name}|{loaded.pretrained}"
-            if os.path.isfile(loaded.pretrained):  # a replaced file at the same path must not hit old entries
-                st = os.stat(loaded.pretrained)
-                model_id += f"|{st.st_size}|{st.st_mtime_ns}"
         return cls(loaded.model, loaded.tokenizer, method=method, templates=templates, mean=loaded.mean,
-                   std=loaded.std, device=device, model_id=model_id, cache_dir=cache_dir, **config)
+                   std=loaded.std, device=device, model_id=loaded.identity, cache_dir=cache_dir, **config)
 
     def with_options(self, method: str | None = None, **config) -> "Segmenter":
-        """A view of this segmenter with other inference options (shares the model and text cache)."""
+        """A view of this segmenter with other inference options (shares the models and text cache)."""
         other = object.__new__(Segmenter)
         other.__dict__.update(self.__dict__)
-        if method is not None:
-            if method not in RULES:
-                raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RULES)}")
-            other.method = method
         other.config = replace(self.config, **config)
+        if method is not None:
+            other.method = method
+            other.model  # noqa: B018 - validate now
         return other
+
+    def with_model(self, model: DenseModel, **config) -> "Segmenter":
+        """A view of this segmenter running ``model`` (a trained method on this CLIP's text side)."""
+        other = self.with_options(**config)
+        other.trained, other.method = model.to(self.device).eval(), model.name
+        return other
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods this segmenter can run: the training-free rules its tower supports, and its trained one."""
+        rules = [r for r in RULES if self.backbone.kind == "vit" or r in ("maskclip", "raw")]
+        return rules + ([self.trained.name] if self.trained is not None else [])
+
+    @property
+    def model(self) -> DenseModel:
+        """The :class:`~vocaseg.dense.DenseModel` that ``method`` names."""
+        if self.trained is not None and self.method == self.trained.name:
+            return self.trained
+        if self.method not in RULES:
+            raise ValueError(f"unknown method {self.method!r}; this segmenter runs {', '.join(self.methods)}")
+        cfg = self.config
+        key = (self.method, cfg.key_smoothing, cfg.key_smoothing_mode)
+        if key not in self._models:
+            self._models[key] = TrainingFreeModel(self.backbone, self.method, self.mean.flatten().tolist(),
+                                                  self.std.flatten().tolist(), cfg.key_smoothing,
+                                                  cfg.key_smoothing_mode)
+        return self._models[key]
+
+    @property
+    def logit_scale(self) -> float:
+        """The softmax temperature in use: the model's own when it outputs logits, else the option's."""
+        return self.model.logit_scale if self.model.logit_scale is not None else self.config.logit_scale
 
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
@@ -312,14 +349,16 @@ class Segmenter:
         return torch.autocast(self.device.type, enabled=False)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """RGB in [0, 1], (..., 3, H, W) -> the model's input (its mean/std), as ``encode_dense`` expects."""
+        """RGB in [0, 1], (..., 3, H, W) -> the CLIP's input (its mean/std), as ``encode_dense`` expects."""
         return (pixels.to(self.device) - self.mean) / self.std
 
     @torch.no_grad()
     def encode_dense(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (B,3,H,W), normalised with ``normalize`` -> (B, D, H/p, W/p), L2-normalised."""
+        """CLIP dense features under a training-free rule (``method``, or ``maskclip`` for a trained
+        segmenter): pixels (B,3,H,W), normalised with ``normalize`` -> (B, D, H/p, W/p), L2-normalised."""
+        rule = self.method if self.method in RULES else "maskclip"
         with self._autocast():
-            return self.backbone.dense(pixels.to(self.device), self.method).features.float()
+            return self.backbone.dense(pixels.to(self.device), rule).features.float()
 
     # ------------------------------------------------------------------ prediction
     def vocabulary(self, classes: Sequence[str] | str | Vocabulary,
@@ -344,26 +383,15 @@ class Segmenter:
         arrays = [read_image(im) for im in images]
         return self.segment_arrays(arrays, vocab)
 
-    def _classifier(self, vocab: Vocabulary) -> tuple[torch.Tensor, torch.Tensor, int]:
-        names, owner = vocab.prompt_names()
-        text = self.encode_text(names) if names else torch.zeros(0, self.backbone.embed_dim, device=self.device)
-        return text, torch.tensor(owner, device=self.device, dtype=torch.long), len(vocab)
+    def classifier(self, vocab: Vocabulary) -> Classifier:
+        """The model's text side for ``vocab`` (text embeddings come from the cache when they can)."""
+        return self.model.classifier(vocab, self.encode_text)
 
-    def _window_logits(self, pixels: torch.Tensor, classifier) -> torch.Tensor:
-        """(B,3,H,W) windows -> (B, C, H, W) cosine logits (max over each class's names)."""
-        text, owner, num_classes = classifier
-        cfg = self.config
+    def _window_logits(self, pixels: torch.Tensor, classifier: Classifier) -> torch.Tensor:
+        """(B,3,H,W) RGB windows in [0, 1] -> (B, C, H, W) scores, upsampled to the window's pixels."""
         with self._autocast():
-            out = self.backbone.dense(pixels, self.method, with_keys=cfg.key_smoothing is not None)
-        feats = out.features.float()
-        b, _, gh, gw = feats.shape
-        name_logits = torch.einsum("bdhw,nd->bnhw", feats, text)
-        logits = torch.full((b, num_classes, gh, gw), float("-inf"), device=feats.device)
-        if len(owner):
-            logits.scatter_reduce_(1, owner.view(1, -1, 1, 1).expand_as(name_logits), name_logits, "amax")
-        if cfg.key_smoothing is not None:
-            logits = key_smoothing(logits.clamp_min(-1.0), out.keys.float(), cfg.key_smoothing)
-        return F.interpolate(logits.clamp_min(-10.0), size=pixels.shape[-2:], mode="bilinear",
+            logits = self.model.logits(pixels, classifier)
+        return F.interpolate(logits.float().clamp_min(LOGIT_FLOOR), size=pixels.shape[-2:], mode="bilinear",
                              align_corners=False)
 
     def _prepare(self, array: np.ndarray, short_side: int | None) -> torch.Tensor:
@@ -375,18 +403,21 @@ class Segmenter:
                                 antialias=nh < h)[0].clamp_(0, 1)
         return img
 
+    @torch.no_grad()
     def segment_arrays(self, arrays: list[np.ndarray], vocab: Vocabulary) -> list[SegmentationResult]:
         """Segment decoded (H, W, 3) uint8 arrays with a parsed vocabulary (what predict_batch calls)."""
         cfg = self.config
-        classifier = self._classifier(vocab)
+        model = self.model
+        classifier = self.classifier(vocab)
         num_classes = len(vocab)
-        native = self.backbone.image_size
+        native = model.image_size
         base_short = int(round(1.5 * native)) if cfg.short_side == 0 else cfg.short_side
         window = cfg.window or native
         stride = cfg.stride or max(1, window // 2)
-        step = self.backbone.stride
+        step = model.stride
         if cfg.mode == "slide" and window % step:
-            raise ValueError(f"window {window} must be a multiple of the model's patch size {step}")
+            raise ValueError(f"window {window} must be a multiple of the model's stride {step}")
+        pad = torch.tensor(model.pad_value, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
 
         merged: list[torch.Tensor | None] = [None] * len(arrays)
         base_images: list[torch.Tensor] = []
@@ -414,9 +445,10 @@ class Segmenter:
             for (ph, pw), group in by_shape.items():
                 for start in range(0, len(group), cfg.batch_size):
                     chunk = group[start:start + cfg.batch_size]
-                    batch = torch.zeros((len(chunk), 3, ph, pw), device=self.device)
+                    # padding takes the colour the network normalises to zero
+                    batch = pad.expand(len(chunk), 3, ph, pw).clone()
                     for k, (i, y, x, h, w, _, _) in enumerate(chunk):
-                        batch[k, :, :h, :w] = self.normalize(images[i][:, y:y + h, x:x + w])
+                        batch[k, :, :h, :w] = images[i][:, y:y + h, x:x + w]
                     logits = self._window_logits(batch, classifier)
                     for k, (i, y, x, h, w, _, _) in enumerate(chunk):
                         canvases[i][:, y:y + h, x:x + w] += logits[k, :, :h, :w]
@@ -433,7 +465,7 @@ class Segmenter:
             logits = merged[i] / len(cfg.scales)
             logits = self._postprocess(logits, base_images[i], background)
             results.append(SegmentationResult(
-                classes=vocab.names, size=tuple(array.shape[:2]), logits=logits, logit_scale=cfg.logit_scale,
+                classes=vocab.names, size=tuple(array.shape[:2]), logits=logits, logit_scale=self.logit_scale,
                 prob_threshold=cfg.prob_threshold, background_index=background))
         return results
 
@@ -451,7 +483,7 @@ class Segmenter:
             if not small.all():
                 logits = logits.masked_fill(small[:, None, None], float("-inf"))
         if cfg.pamr:
-            probs = torch.softmax(cfg.logit_scale * logits, dim=0)
+            probs = torch.softmax(self.logit_scale * logits, dim=0)
             probs = pamr(image, probs)
-            logits = torch.log(probs.clamp_min(1e-8)) / cfg.logit_scale
-        return logits.clamp_min(-10.0)
+            logits = torch.log(probs.clamp_min(1e-8)) / self.logit_scale
+        return logits.clamp_min(LOGIT_FLOOR)

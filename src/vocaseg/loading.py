@@ -48,6 +48,18 @@ class LoadedCLIP:
     name: str
     pretrained: str | None
 
+    @property
+    def identity(self) -> str | None:
+        """A stable id of these weights for on-disk caches (None for random weights, never cached).
+        A file's size and mtime are part of it, so a replaced file at the same path misses old entries."""
+        if self.pretrained is None:
+            return None
+        ident = f"{self.name}|{self.pretrained}"
+        if os.path.isfile(self.pretrained):
+            st = os.stat(self.pretrained)
+            ident += f"|{st.st_size}|{st.st_mtime_ns}"
+        return ident
+
 
 def _local_dir(name: str) -> Path | None:
     if name in MODEL_ALIASES:

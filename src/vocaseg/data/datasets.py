@@ -83,14 +83,19 @@ class SegDataset:
                                f"{self.name} (ignore = {IGNORE_INDEX}); is this the right dataset/converter?")
         return label
 
-    def __getitem__(self, index: int) -> Sample:
-        sid, image_path, label_path = self.pairs[index]
+    def image(self, index: int) -> np.ndarray:
+        """The image alone: what annotation-free training reads (it never opens a label file)."""
+        image_path = self.pairs[index][1]
         if not Path(image_path).exists():
             raise DatasetError(f"{image_path}: image file missing")
         try:
-            image = read_image(image_path)
+            return read_image(image_path)
         except ImageReadError as err:
             raise DatasetError(str(err)) from err
+
+    def __getitem__(self, index: int) -> Sample:
+        sid, image_path, label_path = self.pairs[index]
+        image = self.image(index)
         label = self.read_label(label_path)
         if label.shape != image.shape[:2]:
             raise DatasetError(f"{label_path}: label size {label.shape[1]}x{label.shape[0]} differs from image "
@@ -241,6 +246,9 @@ class SynthDataset(SegDataset):
         scene = self.scenes[index]
         return Sample(f"{self.scenes.split}_{index:06d}", scene.image, scene.mask)
 
+    def image(self, index: int) -> np.ndarray:
+        return self.scenes[index].image
+
 
 DATASETS = {
     "voc21": lambda root, split: _voc(root, split, True),
@@ -259,11 +267,13 @@ def build_dataset(name: str, data_root: str | Path | None = None, split: str = "
     """A dataset by name (see DATASET_NAMES). Raises DatasetError when the files are not there or the
     split is empty."""
     if name == "synth":
-        ds = SynthDataset(split if split in ("val", "test", "train") else "val", length=folder_options.get("length"))
+        if split not in ("val", "test", "train"):
+            raise DatasetError(f"synth has the splits train, val and test, not {split!r}")
+        ds = SynthDataset(split, length=folder_options.get("length"), seed=folder_options.get("seed") or 0)
     elif name == "folder":
         if data_root is None:
             raise DatasetError("--data-root is required for the folder dataset")
-        options = {k: v for k, v in folder_options.items() if k != "length" and v is not None}
+        options = {k: v for k, v in folder_options.items() if k not in ("length", "seed") and v is not None}
         ds = folder_dataset(data_root, **options)
     elif name in DATASETS:
         if data_root is None:

@@ -31,20 +31,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; start without --resume, or point --out at the run folder")
     return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def training_state(model, optimizer, scheduler, step: int, **extra) -> dict[str, Any]:
-    """Everything needed to continue a run exactly: weights, optimizer, schedule, step, RNG."""
-    return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "step": step,
-        "torch_rng": torch.get_rng_state(), **extra,
-    }
-
-
-def restore_training_state(state: dict[str, Any], model, optimizer, scheduler) -> int:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])

@@ -2,8 +2,9 @@
 
 This is how the shipped toy CLIP is made (see README, "The toy CLIP"): the model is any open_clip
 architecture built from its config, the loss is open_clip's ``ClipLoss``, the data is an endless,
-deterministic stream of synthetic scenes and captions. Batch ``s`` always holds train scenes
-``[s*B, (s+1)*B)``, so a resumed run sees exactly the data an uninterrupted one would.
+deterministic stream of synthetic scenes and captions, the loop the shared trainer's
+(``training/loop.py``): batch ``s`` always holds train scenes ``[s*B, (s+1)*B)``, so a resumed run
+sees exactly the data an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -11,21 +12,18 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
 from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from ..backbone import input_size
 from ..data.synth import SynthScenes, make_scene
 from ..loading import _local_dir, load_clip
-from .checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from .loop import Recipe, TrainerConfig, distributed_context, train
 
 
 @dataclass
@@ -44,6 +42,8 @@ class ClipPretrainConfig:
     device: str = "cpu"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
     resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
     eval_scenes: int = 500  # synth val scenes for the final retrieval accuracy
     twins: bool = True  # batches of scene pairs that differ only in their shapes (see README)
 
@@ -69,25 +69,17 @@ class _PairDataset(torch.utils.data.Dataset):
         return (pixels - self.mean) / self.std, self.tokenizer([scene.caption])[0]
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
+def clip_param_groups(model: torch.nn.Module) -> list[dict]:
+    """No weight decay on gains, biases, embeddings and the temperature (as open_clip's trainer does)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # no decay on gains, biases, embeddings and the temperature (as open_clip's trainer does)
         if p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding"):
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _cosine_with_warmup(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return factor
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -132,66 +124,64 @@ def export_weights(model: torch.nn.Module, model_name: str, mean, std, out_dir: 
     return path
 
 
-def train_clip(cfg: ClipPretrainConfig) -> dict:
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not cfg.resume:
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+class ClipPretrainRecipe(Recipe):
+    """Contrastive image-text training of an open_clip model from scratch on synth train scenes."""
 
-    loaded = load_clip(cfg.model, pretrained=None, device=cfg.device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if cfg.image_size is None:
-        cfg.image_size = input_size(model.visual)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(cfg.warmup_steps, cfg.steps))
-    start = 0
-    if cfg.resume and ckpt_path.exists():
-        start = restore_training_state(load_checkpoint(ckpt_path, cfg.device), model, optimizer, scheduler)
-        print(f"resumed from {ckpt_path} at step {start}")
+    method = "clip"
 
-    use_cuda = str(cfg.device).startswith("cuda")
-    amp = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
-    data = _PairDataset(SynthScenes("train", seed=cfg.seed, size=cfg.image_size), tokenizer, loaded.mean, loaded.std,
-                        twins=cfg.twins)
-    order = range(start * cfg.batch_size, cfg.steps * cfg.batch_size)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.workers,
-        persistent_workers=cfg.workers > 0, pin_memory=use_cuda)
-    loss_fn = ClipLoss()
+    def __init__(self, cfg: ClipPretrainConfig):
+        self.cfg = cfg
 
-    model.train()
-    t0 = time.time()
-    bar = tqdm(loader, total=cfg.steps, initial=start, desc="train clip", unit="step", dynamic_ncols=True)
-    step = start
-    for images, tokens in bar:
-        images, tokens = images.to(cfg.device, non_blocking=True), tokens.to(cfg.device, non_blocking=True)
-        with torch.autocast(device_type="cuda" if use_cuda else "cpu", dtype=torch.bfloat16, enabled=amp):
-            image_features, text_features, logit_scale = model(images, tokens)
-            loss = loss_fn(image_features, text_features, logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+    def build(self) -> torch.nn.Module:
+        self.loaded = load_clip(self.cfg.model, pretrained=None, device="cpu")
+        if self.cfg.image_size is None:
+            self.cfg.image_size = input_size(self.loaded.model.visual)
+        rank, world = distributed_context()
+        # under torchrun every process scores its images against the texts of the whole global batch
+        self.loss_fn = ClipLoss(gather_with_grad=world > 1, rank=rank, world_size=world)
+        return self.loaded.model
+
+    def param_groups(self, module):
+        return clip_param_groups(module)
+
+    def dataset(self):
+        return _PairDataset(SynthScenes("train", seed=self.cfg.seed, size=self.cfg.image_size), self.loaded.tokenizer,
+                            self.loaded.mean, self.loaded.std, twins=self.cfg.twins)
+
+    def training_step(self, module, batch, step):
+        images, tokens = batch
+        image_features, text_features, logit_scale = module(images, tokens)
+        return self.loss_fn(image_features, text_features, logit_scale), {}
+
+    def after_step(self, module, step):
         with torch.no_grad():  # as in CLIP: the temperature may not exceed 100
-            model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt_path, training_state(model, optimizer, scheduler, step, config=asdict(cfg)))
-    bar.close()
+            module.logit_scale.clamp_(0, math.log(100))
 
-    metrics = retrieval_accuracy(model, tokenizer, loaded.mean, loaded.std, n=cfg.eval_scenes,
-                                 image_size=cfg.image_size, device=cfg.device)
-    weights = export_weights(model, cfg.model, loaded.mean, loaded.std, out)
-    info = {"config": asdict(cfg), "steps_done": step, "train_seconds_this_run": round(time.time() - t0, 1),
-            "final_loss": float(loss.item()) if step > start else None, "val_retrieval": metrics,
-            "weights": str(weights)}
-    (out / "train_info.json").write_text(json.dumps(info, indent=2))
-    print(f"val retrieval ({cfg.eval_scenes} scenes): image->text top-1 {metrics['image_to_text_top1']:.1f}%, "
-          f"text->image top-1 {metrics['text_to_image_top1']:.1f}%")
-    print(f"weights: {weights}")
-    return info
+    def evaluate(self, module):
+        if not self.cfg.eval_scenes:
+            return {}
+        return retrieval_accuracy(module, self.loaded.tokenizer, self.loaded.mean, self.loaded.std,
+                                  n=self.cfg.eval_scenes, image_size=self.cfg.image_size,
+                                  device=str(next(module.parameters()).device))
+
+    def export(self, module, out, summary):
+        weights = export_weights(module, self.cfg.model, self.loaded.mean, self.loaded.std, out)
+        info = {"config": asdict(self.cfg), "steps_done": summary["steps"],
+                "train_seconds_this_run": summary["train_seconds_this_run"],
+                "final_loss": summary["final"].get("loss"), "val_retrieval": summary["eval"], "weights": str(weights)}
+        (out / "train_info.json").write_text(json.dumps(info, indent=2))
+        metrics = summary["eval"]
+        if metrics:
+            print(f"val retrieval ({self.cfg.eval_scenes} scenes): image->text top-1 "
+                  f"{metrics['image_to_text_top1']:.1f}%, text->image top-1 {metrics['text_to_image_top1']:.1f}%")
+        print(f"weights: {weights}")
+
+
+def train_clip(cfg: ClipPretrainConfig) -> dict:
+    """Train (or resume) a CLIP on the synthetic world with the shared trainer; returns its summary."""
+    trainer = TrainerConfig(
+        out=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adamw", betas=(0.9, 0.98),
+        eps=1e-6, weight_decay=cfg.weight_decay, schedule="cosine", warmup_steps=cfg.warmup_steps, clip_grad=1.0,
+        precision=cfg.precision, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
+        checkpoint_every=cfg.checkpoint_every, resume=cfg.resume, overwrite=cfg.overwrite, progress=cfg.progress)
+    return train(ClipPretrainRecipe(cfg), trainer, config_record=asdict(cfg))

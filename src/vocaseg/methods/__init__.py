@@ -1,0 +1,51 @@
+"""Trained methods, one readable module each, and their registry.
+
+A method module defines
+- a :class:`~vocaseg.dense.DenseModel` subclass registered with :func:`register_method`: the trained
+  model at inference time, rebuilt from a run folder by its ``from_run(info, loaded_clip)``;
+- a training recipe (:class:`~vocaseg.training.loop.Recipe`) and a ``train(...)`` entry point that
+  ``vocaseg train NAME`` calls;
+- its presets: the papers' schedules for real datasets, and the toy recipe for the synthetic world.
+
+The training-free rules (maskclip, raw, sclip, clearclip, naclip) are not here: they are the last-
+block rules of ``backbone.py`` behind :class:`~vocaseg.dense.TrainingFreeModel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..dense import DenseModel
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    summary: str
+    model: type[DenseModel]
+
+
+METHODS: dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, summary: str):
+    """Class decorator: register a DenseModel subclass as trained method ``name`` (fails on duplicates)."""
+
+    def wrap(cls: type[DenseModel]) -> type[DenseModel]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice ({METHODS[name].model.__qualname__}, "
+                             f"{cls.__qualname__})")
+        cls.name = name
+        METHODS[name] = MethodEntry(name, summary, cls)
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> MethodEntry:
+    if name not in METHODS:
+        raise ValueError(f"unknown trained method {name!r}; this vocaseg has {', '.join(METHODS) or 'none'}")
+    return METHODS[name]
+
+
+from . import maskclip_plus  # noqa: E402,F401  (registers itself)

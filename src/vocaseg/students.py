@@ -1,0 +1,347 @@
+"""Segmentation networks ("students") that the trained methods (MaskCLIP+, ReCLIP, CLIPTeacher) train.
+
+A student maps RGB pixels in [0, 1] to dense D-dimensional features; the method scores them against
+frozen CLIP text embeddings, so the classifier is not part of the student and D (``out_channels``)
+is usually CLIP's embedding width.
+
+Students are a backbone (which returns a low-level and a high-level feature map) plus a head:
+
+- ``deeplabv2-r101``/``-r50`` (stride 8): torchvision ResNet with layer3/layer4 dilated 2 and 4 instead
+  of strided, ImageNet weights by default; ASPP-v2 head (3x3 conv-BN-ReLU at dilations 6, 12, 18, 24,
+  summed).
+- ``deeplabv3plus-r101``/``-r50`` (stride 4): same backbone; DeepLabV3+ head (ASPP with 1x1, 3x3 at
+  12, 24, 36 and image pooling, then a decoder on layer1's stride-4 features).
+- ``deeplabv2-toy`` (stride 4): ResNet-18 layout at widths 32/64/128/256 (half of ResNet-18's), deep
+  stem without max-pool, layer3/layer4 dilated 2 and 4, random init; ASPP-v2 at 2, 4, 6, 8.
+- ``deeplabv3plus-toy`` (stride 2): same backbone; a V3+ head at 64 channels (ASPP rates 2, 4, 6) with
+  its decoder on layer1's stride-2 features.
+
+Every stride-2 step pads "same" (3x3 convs and max-pool with padding 1, the 7x7 stem conv with
+padding 3, 1x1 shortcuts),
+so an H x W input gives exactly ``ceil(H / stride) x ceil(W / stride)`` features, odd sizes included.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import ResNet50_Weights, ResNet101_Weights, resnet50, resnet101
+from torchvision.models import WeightsEnum
+from torchvision.models.resnet import BasicBlock
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+from .loading import ModelNotFoundError, WeightsUnavailableError, _host_reachable
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+__all__ = ["Student", "STUDENTS", "register_student", "build_student", "list_students",
+           "student_param_groups", "DilatedResNet", "ToyResNet", "ASPPV2Head", "DeepLabV3PlusHead"]
+
+
+# --------------------------------------------------------------------------------------------- student
+class Student(nn.Module):
+    """pixels (B,3,H,W) RGB in [0,1] -> features (B, out_channels, ceil(H/stride), ceil(W/stride)).
+
+    The output size is exactly ``ceil(H / stride)`` for every registered student (see the module
+    docstring). The student normalises its own input with ImageNet mean/std (the statistics its
+    backbone weights were trained with), kept as non-persistent buffers so that checkpoints hold
+    weights only. Training the pooling branch of a V3+ head needs batches of 2 or more (BatchNorm on
+    a 1x1 map).
+    """
+
+    stride: int
+    out_channels: int
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, stride: int, out_channels: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.stride = stride
+        self.out_channels = out_channels
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward_features(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Backbone features ``(low, high)``: layer1's output and layer4's (the last stage's)."""
+        return self.backbone((pixels - self.mean) / self.std)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        low, high = self.forward_features(pixels)
+        return self.head(low, high)
+
+
+def student_param_groups(student: Student) -> dict[str, list[nn.Parameter]]:
+    """``{"backbone": [...], "head": [...]}`` so that recipes can give the (new) head a larger lr."""
+    return {"backbone": list(student.backbone.parameters()), "head": list(student.head.parameters())}
+
+
+# ------------------------------------------------------------------------------------------ backbones
+class DilatedResNet(nn.Module):
+    """torchvision ResNet-50/101 at output stride 8 (layer3/layer4 dilated 2 and 4 instead of strided).
+
+    Submodules keep torchvision's names (``conv1``, ``bn1``, ``layer1`` ... ``layer4``; ``fc`` and the
+    final pooling are dropped), so a torchvision state dict minus ``fc.*`` loads as it is.
+    """
+
+    def __init__(self, depth: int = 101) -> None:
+        super().__init__()
+        builders = {50: resnet50, 101: resnet101}
+        if depth not in builders:
+            raise ValueError(f"depth must be one of {sorted(builders)}, got {depth}")
+        net = builders[depth](weights=None, replace_stride_with_dilation=[False, True, True])
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.low_channels, self.out_channels = 256, 2048  # layer1 (stride 4), layer4 (stride 8)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = self.layer1(x)
+        return low, self.layer4(self.layer3(self.layer2(low)))
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel - 1) // 2
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ToyResNet(nn.Module):
+    """A small ResNet-18 (stage widths 32/64/128/256, half of ResNet-18's) for the 96-px synthetic world.
+
+    Deep "V1c" stem (three 3x3 conv-BN-ReLU, widths 16, 16, 32, the first with stride 2) and no
+    max-pool, so small images keep their detail. Stages of two torchvision ``BasicBlock``s with widths
+    32/64/128/256 and strides 1, 2, 1, 1; layer3 and layer4 are dilated 2 and 4 instead of strided
+    (both 3x3 convs of every block in those stages; torchvision's BasicBlock refuses a dilation
+    argument, so it is set on the built convs). layer1 is at stride 2, layer4 at stride 4 (24 x 24
+    features for a 96-px image).
+    """
+
+    def __init__(self, stem_widths: Sequence[int] = (16, 16, 32), widths: Sequence[int] = (32, 64, 128, 256),
+                 blocks: int = 2) -> None:
+        super().__init__()
+        w0, w1, w2 = stem_widths
+        self.stem = nn.Sequential(_conv_bn_relu(3, w0, stride=2), _conv_bn_relu(w0, w1), _conv_bn_relu(w1, w2))
+        strides, dilations = (1, 2, 1, 1), (1, 1, 2, 4)
+        cin, stages = w2, []
+        for width, stride, dilation in zip(widths, strides, dilations):
+            stages.append(self._stage(cin, width, blocks, stride, dilation))
+            cin = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.low_channels, self.out_channels = widths[0], widths[-1]
+        for m in self.modules():  # torchvision's ResNet init, since there are no pretrained weights
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def _stage(cin: int, width: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
+        layers = []
+        for i in range(blocks):
+            down = None
+            if i == 0 and (stride != 1 or cin != width):
+                down = nn.Sequential(nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+            block = BasicBlock(cin if i == 0 else width, width, stride if i == 0 else 1, down)
+            for conv in (block.conv1, block.conv2):
+                conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
+            layers.append(block)
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        low = self.layer1(self.stem(x))
+        return low, self.layer4(self.layer3(self.layer2(low)))
+
+
+# ---------------------------------------------------------------------------------------------- heads
+class ASPPV2Head(nn.Module):
+    """DeepLabV2's ASPP: parallel 3x3 conv-BN-ReLU branches at several dilations, outputs summed.
+
+    Unlike the original DeepLabV2 (which sums per-branch class logits) each branch outputs D feature
+    channels and ends in ReLU, as in the official MaskCLIP+ code, so features are >= 0. No image
+    pooling, no dropout. Uses only the high-level features.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dilations: Sequence[int] = (6, 12, 18, 24)) -> None:
+        super().__init__()
+        self.dilations = tuple(dilations)
+        self.branches = nn.ModuleList(_conv_bn_relu(in_channels, out_channels, 3, dilation=d) for d in dilations)
+
+    def forward(self, low: Tensor | None, high: Tensor) -> Tensor:
+        out = self.branches[0](high)
+        for branch in self.branches[1:]:
+            out = out + branch(high)
+        return out
+
+
+class DeepLabV3PlusHead(nn.Module):
+    """DeepLabV3+: ASPP (1x1, three dilated 3x3, image pooling; torchvision's, with its dropout 0.5)
+    on the high-level features, upsampled to the low-level features' resolution, concatenated with
+    them (projected by 1x1 conv-BN-ReLU), two 3x3 conv-BN-ReLU, and a plain 1x1 conv to D (no bias,
+    no activation: features can take any sign). Output stride = the low-level features' stride.
+    """
+
+    def __init__(self, in_channels: int, low_channels: int, out_channels: int, rates: Sequence[int] = (12, 24, 36),
+                 aspp_channels: int = 256, low_proj: int = 48, decoder_channels: int = 256) -> None:
+        super().__init__()
+        self.aspp = ASPP(in_channels, list(rates), aspp_channels)
+        self.low_proj = _conv_bn_relu(low_channels, low_proj, 1)
+        self.decoder = nn.Sequential(_conv_bn_relu(aspp_channels + low_proj, decoder_channels),
+                                     _conv_bn_relu(decoder_channels, decoder_channels))
+        self.proj = nn.Conv2d(decoder_channels, out_channels, 1, bias=False)
+
+    def forward(self, low: Tensor, high: Tensor) -> Tensor:
+        x = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.proj(self.decoder(torch.cat([x, self.low_proj(low)], dim=1)))
+
+
+# ------------------------------------------------------------------------------------------- registry
+class StudentEntry(NamedTuple):
+    factory: Callable[[int], Student]  # out_channels -> randomly initialised student
+    default_weights: WeightsEnum | None  # backbone weights for weights="default"
+
+
+STUDENTS: dict[str, StudentEntry] = {}
+
+
+def register_student(name: str, default_weights: WeightsEnum | None = None
+                     ) -> Callable[[Callable[[int], Student]], Callable[[int], Student]]:
+    """Decorator: register ``factory(out_channels) -> Student`` under ``name`` (duplicates raise)."""
+    def decorate(factory: Callable[[int], Student]) -> Callable[[int], Student]:
+        if name in STUDENTS:
+            raise ValueError(f"student {name!r} is already registered")
+        STUDENTS[name] = StudentEntry(factory, default_weights)
+        return factory
+    return decorate
+
+
+def list_students() -> list[str]:
+    return sorted(STUDENTS)
+
+
+@register_student("deeplabv2-r101", ResNet101_Weights.IMAGENET1K_V2)
+def _deeplabv2_r101(out_channels: int) -> Student:
+    return Student(DilatedResNet(101), ASPPV2Head(2048, out_channels), stride=8, out_channels=out_channels)
+
+
+@register_student("deeplabv2-r50", ResNet50_Weights.IMAGENET1K_V2)
+def _deeplabv2_r50(out_channels: int) -> Student:
+    return Student(DilatedResNet(50), ASPPV2Head(2048, out_channels), stride=8, out_channels=out_channels)
+
+
+@register_student("deeplabv3plus-r101", ResNet101_Weights.IMAGENET1K_V2)
+def _deeplabv3plus_r101(out_channels: int) -> Student:
+    return Student(DilatedResNet(101), DeepLabV3PlusHead(2048, 256, out_channels), stride=4,
+                   out_channels=out_channels)
+
+
+@register_student("deeplabv3plus-r50", ResNet50_Weights.IMAGENET1K_V2)
+def _deeplabv3plus_r50(out_channels: int) -> Student:
+    return Student(DilatedResNet(50), DeepLabV3PlusHead(2048, 256, out_channels), stride=4,
+                   out_channels=out_channels)
+
+
+@register_student("deeplabv2-toy")
+def _deeplabv2_toy(out_channels: int) -> Student:
+    backbone = ToyResNet()
+    return Student(backbone, ASPPV2Head(backbone.out_channels, out_channels, (2, 4, 6, 8)), stride=4,
+                   out_channels=out_channels)
+
+
+@register_student("deeplabv3plus-toy")
+def _deeplabv3plus_toy(out_channels: int) -> Student:
+    backbone = ToyResNet()  # low-level = layer1 (32 ch, stride 2) -> output stride 2
+    head = DeepLabV3PlusHead(backbone.out_channels, backbone.low_channels, out_channels, rates=(2, 4, 6),
+                             aspp_channels=64, low_proj=24, decoder_channels=64)
+    return Student(backbone, head, stride=2, out_channels=out_channels)
+
+
+# -------------------------------------------------------------------------------------------- weights
+def _torchvision_state_dict(weights: WeightsEnum) -> dict[str, Tensor]:
+    """torchvision's weights from torch hub's cache, or downloaded; fails in seconds when offline."""
+    url = weights.url
+    filename = os.path.basename(urlparse(url).path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not cached.is_file() and not _host_reachable(url):
+        raise WeightsUnavailableError(
+            f"cannot download the student's ImageNet backbone weights: no network connection to "
+            f"{urlparse(url).hostname} and no cached copy at {cached}. Download {url} on a machine with internet "
+            f"and pass --student-weights /path/to/{filename}, or --student-weights none to train from scratch")
+    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True)
+
+
+def _read_state_dict(path: str) -> dict[str, Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path, device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # training checkpoints wrap the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelNotFoundError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_backbone_weights(backbone: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load a torchvision-named backbone state dict: ``fc.*`` ignored, strict otherwise."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = backbone.state_dict()
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}  # absent from some exports
+    missing = sorted(set(expected) - set(state) - optional)
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    if missing or unexpected or wrong:
+        problems = [f"missing keys: {few(missing)}" if missing else "",
+                    f"unexpected keys: {few(unexpected)}" if unexpected else "",
+                    f"shape mismatch: {few(wrong)}" if wrong else ""]
+        prefixes = {k.split(".", 1)[0] + "." for k in unexpected if "." in k}
+        if len(prefixes) == 1 and missing:  # e.g. a whole segmentation model's "backbone." weights
+            prefix = prefixes.pop()
+            if {k[len(prefix):] for k in unexpected} >= set(missing):
+                problems.append(f"the file's keys carry the prefix {prefix!r}; save them without it")
+        raise ModelNotFoundError(
+            f"student backbone weights {source} do not fit the backbone ({type(backbone).__name__}; torchvision "
+            f"naming expected, e.g. layer1.0.conv1.weight): " + "; ".join(p for p in problems if p))
+    backbone.load_state_dict(state, strict=False)
+
+
+def build_student(name: str, out_channels: int, weights: str | os.PathLike | None = "default") -> Student:
+    """Build a registered student.
+
+    weights: ``"default"`` (ImageNet backbone weights for the R50/R101 students, random init for the
+    toy ones), ``None``/``"none"`` (random init), or a local ``.pth``/``.pt``/``.safetensors`` file
+    holding a backbone state dict in torchvision naming. The head is always randomly initialised.
+    """
+    if name not in STUDENTS:
+        raise ValueError(f"unknown student {name!r}; known students: {', '.join(list_students())}")
+    entry = STUDENTS[name]
+    weights = os.fspath(weights) if weights is not None else None
+    state, source = None, None  # fetched before building, so that a missing file fails at once
+    if weights is None or weights.lower() == "none":
+        pass
+    elif weights == "default":
+        if entry.default_weights is not None:
+            state, source = _torchvision_state_dict(entry.default_weights), entry.default_weights.url
+    elif os.path.isfile(weights):
+        state, source = _read_state_dict(weights), weights
+    else:
+        raise WeightsUnavailableError(
+            f"student weights file not found: {weights} (pass a .pth/.pt/.safetensors backbone state dict, "
+            "'default' or 'none')")
+    student = entry.factory(out_channels)
+    if state is not None:
+        load_backbone_weights(student.backbone, state, source)
+    return student
