@@ -310,11 +310,11 @@ def cmd_train_maskclip_plus(args) -> int:
     if overrides["self_training_from"] is not None and overrides["self_training_from"] <= 0:
         overrides["self_training_from"] = 10 ** 12  # "never": guided learning throughout
     for key in ("pretrained", "student_weights"):
-        if str(overrides[key]).lower() == "none":
+        if isinstance(overrides.get(key), str) and overrides[key].lower() == "none":
             overrides[key] = "none"
     try:
-        cfg = make_config(None if args.resume else args.preset, out=args.out, device=_device(args.device),
-                          **overrides)
+        preset = overrides.pop("preset", None) if args.resume else args.preset
+        cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from None
     if cfg.pretrained == "none":
@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synth-seed", type=int, default=None, help="seed of the synthetic world (default 0)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None)
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default=None,
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fp64 only for numerical checks")
     g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0)")
     g.add_argument("--checkpoint-every", type=int, default=None)
     g.add_argument("--resume", action="store_const", const=True, default=None, help="continue OUT/state.pt exactly")

@@ -23,6 +23,7 @@ so an H x W input gives exactly ``ceil(H / stride) x ceil(W / stride)`` features
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -124,11 +125,12 @@ class ToyResNet(nn.Module):
     """
 
     def __init__(self, stem_widths: Sequence[int] = (16, 16, 32), widths: Sequence[int] = (32, 64, 128, 256),
-                 blocks: int = 2) -> None:
+                 blocks: int = 2, strides: Sequence[int] = (1, 2, 1, 1), dilations: Sequence[int] = (1, 1, 2, 4)
+                 ) -> None:
         super().__init__()
         w0, w1, w2 = stem_widths
         self.stem = nn.Sequential(_conv_bn_relu(3, w0, stride=2), _conv_bn_relu(w0, w1), _conv_bn_relu(w1, w2))
-        strides, dilations = (1, 2, 1, 1), (1, 1, 2, 4)
+        self.stride = 2 * math.prod(strides)
         cin, stages = w2, []
         for width, stride, dilation in zip(widths, strides, dilations):
             stages.append(self._stage(cin, width, blocks, stride, dilation))

@@ -143,7 +143,9 @@ def fill_pseudo_labels(labels: torch.Tensor, scores: torch.Tensor, candidates: t
 
 def mean_over_all_pixels_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy ignoring 255, averaged over every pixel (ignored ones count as 0), as mmseg 0.20.2."""
-    logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
     return loss.sum() / labels.numel()
 

@@ -28,6 +28,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,7 +65,7 @@ class TrainerConfig:
     warmup_steps: int = 0
     accumulate: int = 1
     clip_grad: float | None = None
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16; fp64 for numerical checks
     device: str = "cpu"
     seed: int = 0
     workers: int = 0
@@ -80,6 +81,8 @@ class TrainerConfig:
             raise ValueError(f"optimizer must be sgd or adamw, not {self.optimizer!r}")
         if self.schedule not in ("poly", "cosine", "constant"):
             raise ValueError(f"schedule must be poly, cosine or constant, not {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp64"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp64, not {self.precision!r}")
         if self.steps < 1 or self.batch_size < 1 or self.accumulate < 1:
             raise ValueError("steps, batch size and accumulation must be at least 1")
         self.betas = tuple(self.betas)
@@ -162,14 +165,16 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        with warnings.catch_warnings():  # its replacement in torch._functional_collectives has no autograd yet
+            warnings.simplefilter("ignore", FutureWarning)
+            from torch.distributed.nn.functional import all_reduce
 
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
-        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
-        c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+            count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
+            sums = all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
+            n = sums[-1]
+            mean = sums[:-1] / n
+            # two passes (sum of squared deviations), as precise as BatchNorm on one process
+            var = all_reduce((x - mean[None, :, None, None]).pow(2).sum((0, 2, 3))) / n
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum
@@ -300,6 +305,9 @@ def train(recipe: Recipe, cfg: TrainerConfig, config_record: dict | None = None)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     module = recipe.build().to(device)
+    dtype = torch.float64 if cfg.precision == "fp64" else None
+    if dtype is not None:  # slow; for checks that float32 rounding would blur (tests/test_training_reliability.py)
+        module = module.to(dtype)
     if world > 1:
         module = _sync_batchnorm(module, device)
     groups = recipe.param_groups(module)
@@ -366,7 +374,7 @@ def train(recipe: Recipe, cfg: TrainerConfig, config_record: dict | None = None)
                 sync = a == cfg.accumulate - 1 or world == 1
                 ctx = module.no_sync() if not sync else _null()
                 with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss, parts = recipe.training_step(module, _to(batch, device), step + 1)
+                    loss, parts = recipe.training_step(module, _to(batch, device, dtype), step + 1)
                 (loss / cfg.accumulate).backward()
                 total += loss.item() / cfg.accumulate
                 for k, v in parts.items():
@@ -438,13 +446,15 @@ class _null:
         return False
 
 
-def _to(batch: Any, device: torch.device) -> Any:
+def _to(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     if isinstance(batch, torch.Tensor):
+        if dtype is not None and batch.is_floating_point():
+            return batch.to(device, dtype, non_blocking=True)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(b, device) for b in batch)
+        return type(batch)(_to(b, device, dtype) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
+        return {k: _to(v, device, dtype) for k, v in batch.items()}
     return batch
 
 
