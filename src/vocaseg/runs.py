@@ -72,15 +72,18 @@ def weights_fingerprint(path: str | os.PathLike) -> dict:
     return {"size": path.stat().st_size, "sha256_first_4MiB": h.hexdigest()}
 
 
-def clip_identity(model: str, pretrained: str | None, resolved: str | None) -> dict:
+def clip_identity(model: str, pretrained: str | None, resolved: str | None, random_seed: int | None = None) -> dict:
     """How a run names its CLIP: the architecture and weights as the user gave them (a file as an
-    absolute path), plus a fingerprint of the file the weights came from."""
+    absolute path), plus a fingerprint of the file the weights came from. Random weights
+    (``pretrained=None``) are named by the seed they were drawn with."""
     spec = pretrained
     if pretrained is not None and os.path.isfile(pretrained):
         spec = str(Path(pretrained).resolve())
     local = Path(model)
     model_spec = str(local.resolve()) if local.is_dir() else model
     ident = {"model": model_spec, "pretrained": spec}
+    if pretrained is None and random_seed is not None:
+        ident["random_init_seed"] = random_seed
     if resolved is not None and os.path.isfile(resolved):
         ident["fingerprint"] = weights_fingerprint(resolved)
     return ident
@@ -134,6 +137,8 @@ def _load_run_clip(path: Path, info: dict, device, pretrained: str | None):
     if os.sep in model and not Path(model).is_dir():
         raise WeightsUnavailableError(f"run {path} was trained with the CLIP model folder {model}, which is not "
                                       "there: put it back (the run stores only what it trained)")
+    if spec is None and "random_init_seed" in ident:  # the same random weights the run was trained with
+        torch.manual_seed(ident["random_init_seed"])
     loaded = load_clip(model, pretrained=spec, device=device)
     expected = ident.get("fingerprint")
     if expected and loaded.pretrained and os.path.isfile(loaded.pretrained):
