@@ -256,3 +256,18 @@ def test_run_whose_clip_weights_are_missing(run_dir, tmp_path):
     (moved / "method.json").write_text(json.dumps(info))
     with pytest.raises(RunError, match="newer vocaseg"):
         load_run(moved)
+
+
+def test_run_on_random_clip_weights_reloads_the_same_weights(tmp_path):
+    """Runs trained on a random CLIP (tests, speed runs) name the seed that drew it."""
+    from vocaseg import Segmenter
+
+    cfg = tiny_config(tmp_path, steps=1, pretrained=None)
+    recipe = MaskClipPlusRecipe(cfg)
+    from vocaseg.methods.maskclip_plus import trainer_config
+    from vocaseg.training.loop import train
+
+    train(recipe, trainer_config(cfg))
+    assert json.loads((tmp_path / "method.json").read_text())["clip"]["random_init_seed"] == 0
+    seg = Segmenter.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(seg.encode_text(recipe.vocab.names), recipe.text_classifier.weights)
