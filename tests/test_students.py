@@ -12,9 +12,9 @@ from vocaseg.students import (STUDENTS, ASPPV2Head, Student, build_student, list
                               student_param_groups)
 
 NAMES = ["deeplabv2-r101", "deeplabv2-r50", "deeplabv3plus-r101", "deeplabv3plus-r50",
-         "deeplabv2-toy", "deeplabv3plus-toy"]
+         "deeplabv2-toy", "deeplabv2-toy-os4", "deeplabv3plus-toy"]
 STRIDES = {"deeplabv2-r101": 8, "deeplabv2-r50": 8, "deeplabv3plus-r101": 4, "deeplabv3plus-r50": 4,
-           "deeplabv2-toy": 4, "deeplabv3plus-toy": 2}
+           "deeplabv2-toy": 8, "deeplabv2-toy-os4": 4, "deeplabv3plus-toy": 2}
 D = 12
 
 
@@ -87,14 +87,17 @@ def test_dilated_backbone_layout(built):
     assert not hasattr(backbone, "fc")
     toy = built["deeplabv2-toy"].backbone
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in toy.modules())
-    assert [toy.stem[i][0].out_channels for i in range(3)] == [16, 16, 32]
+    assert [toy.stem[i][0].out_channels for i in range(3)] == [16, 16, 16]
     assert [layer[0].conv2.out_channels for layer in (toy.layer1, toy.layer2, toy.layer3, toy.layer4)] == \
-        [32, 64, 128, 256]
-    assert toy.layer3[0].conv1.dilation == (2, 2) and toy.layer4[1].conv2.dilation == (4, 4)
+        [16, 32, 64, 128]
+    assert toy.layer3[0].conv1.dilation == (1, 1) and toy.layer4[1].conv2.dilation == (2, 2)
+    os4 = built["deeplabv2-toy-os4"].backbone
+    assert os4.layer3[0].conv1.dilation == (2, 2) and os4.layer4[1].conv2.dilation == (4, 4)
 
 
 @pytest.mark.parametrize("name,dilations,in_ch", [("deeplabv2-r50", (6, 12, 18, 24), 2048),
-                                                   ("deeplabv2-toy", (2, 4, 6, 8), 256)])
+                                                   ("deeplabv2-toy", (1, 2, 3, 4), 128),
+                                                   ("deeplabv2-toy-os4", (2, 4, 6, 8), 128)])
 def test_aspp_v2_sums_four_dilated_branches(built, name, dilations, in_ch):
     head = built[name].head
     assert isinstance(head, ASPPV2Head) and len(head.branches) == 4

@@ -11,10 +11,11 @@ Students are a backbone (which returns a low-level and a high-level feature map)
   summed).
 - ``deeplabv3plus-r101``/``-r50`` (stride 4): same backbone; DeepLabV3+ head (ASPP with 1x1, 3x3 at
   12, 24, 36 and image pooling, then a decoder on layer1's stride-4 features).
-- ``deeplabv2-toy`` (stride 4): ResNet-18 layout at widths 32/64/128/256 (half of ResNet-18's), deep
-  stem without max-pool, layer3/layer4 dilated 2 and 4, random init; ASPP-v2 at 2, 4, 6, 8.
-- ``deeplabv3plus-toy`` (stride 2): same backbone; a V3+ head at 64 channels (ASPP rates 2, 4, 6) with
-  its decoder on layer1's stride-2 features.
+- ``deeplabv2-toy`` (stride 8): ResNet-18 layout at a quarter of its widths (16/32/64/128), deep stem
+  without max-pool, layer4 dilated 2, random init; ASPP-v2 at 1, 2, 3, 4. ``deeplabv2-toy-os4``
+  (stride 4): layer3/layer4 dilated 2 and 4 instead, ASPP-v2 at 2, 4, 6, 8.
+- ``deeplabv3plus-toy`` (stride 2): the stride-8 toy backbone; a V3+ head at 64 channels (ASPP rates
+  1, 2, 3) with its decoder on layer1's stride-2 features.
 
 Every stride-2 step pads "same" (3x3 convs and max-pool with padding 1, the 7x7 stem conv with
 padding 3, 1x1 shortcuts),
@@ -114,14 +115,13 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilatio
 
 
 class ToyResNet(nn.Module):
-    """A small ResNet-18 (stage widths 32/64/128/256, half of ResNet-18's) for the 96-px synthetic world.
+    """A small ResNet-18 layout for the 96-px synthetic world (widths, strides and dilations as given).
 
-    Deep "V1c" stem (three 3x3 conv-BN-ReLU, widths 16, 16, 32, the first with stride 2) and no
-    max-pool, so small images keep their detail. Stages of two torchvision ``BasicBlock``s with widths
-    32/64/128/256 and strides 1, 2, 1, 1; layer3 and layer4 are dilated 2 and 4 instead of strided
-    (both 3x3 convs of every block in those stages; torchvision's BasicBlock refuses a dilation
-    argument, so it is set on the built convs). layer1 is at stride 2, layer4 at stride 4 (24 x 24
-    features for a 96-px image).
+    Deep "V1c" stem (three 3x3 conv-BN-ReLU, the first with stride 2) and no max-pool, so small images
+    keep their detail. Stages of two torchvision ``BasicBlock``s; a stage with dilation > 1 dilates
+    both 3x3 convs of every block (torchvision's BasicBlock refuses a dilation argument, so it is set
+    on the built convs). ``stride`` = 2 x the product of the stage strides. The registered toy
+    students pass their own widths, strides and dilations (see the registry below).
     """
 
     def __init__(self, stem_widths: Sequence[int] = (16, 16, 32), widths: Sequence[int] = (32, 64, 128, 256),
@@ -247,17 +247,32 @@ def _deeplabv3plus_r50(out_channels: int) -> Student:
                    out_channels=out_channels)
 
 
+# The toy students for the 96-px synthetic world, sized for a 2-core CPU (README, "MaskCLIP+"): ResNet-18's
+# layout at a quarter of its widths (16/32/64/128). Output stride 8 (12 x 12 features at 96 px, the toy
+# CLIP's own grid) with ASPP dilations 1-4, the paper's 6-24 scaled to that grid; the os4 variant keeps
+# stride 4 (layer3/layer4 dilated 2 and 4), which learned a little faster per step but costs 2.2x.
+TOY_WIDTHS = dict(stem_widths=(16, 16, 16), widths=(16, 32, 64, 128))
+
+
 @register_student("deeplabv2-toy")
 def _deeplabv2_toy(out_channels: int) -> Student:
-    backbone = ToyResNet()
+    backbone = ToyResNet(**TOY_WIDTHS, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2))
+    return Student(backbone, ASPPV2Head(backbone.out_channels, out_channels, (1, 2, 3, 4)), stride=8,
+                   out_channels=out_channels)
+
+
+@register_student("deeplabv2-toy-os4")
+def _deeplabv2_toy_os4(out_channels: int) -> Student:
+    backbone = ToyResNet(**TOY_WIDTHS, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
     return Student(backbone, ASPPV2Head(backbone.out_channels, out_channels, (2, 4, 6, 8)), stride=4,
                    out_channels=out_channels)
 
 
 @register_student("deeplabv3plus-toy")
 def _deeplabv3plus_toy(out_channels: int) -> Student:
-    backbone = ToyResNet()  # low-level = layer1 (32 ch, stride 2) -> output stride 2
-    head = DeepLabV3PlusHead(backbone.out_channels, backbone.low_channels, out_channels, rates=(2, 4, 6),
+    backbone = ToyResNet(**TOY_WIDTHS, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2))
+    # low-level = layer1 (16 ch, stride 2) -> output stride 2
+    head = DeepLabV3PlusHead(backbone.out_channels, backbone.low_channels, out_channels, rates=(1, 2, 3),
                              aspp_channels=64, low_proj=24, decoder_channels=64)
     return Student(backbone, head, stride=2, out_channels=out_channels)
 

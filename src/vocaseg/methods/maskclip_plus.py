@@ -214,10 +214,11 @@ class MaskClipPlusConfig:
 # The papers' schedules (spec: shared/specs/maskclip_plus.md, Sec. 3) and the toy recipes.
 PRESETS: dict[str, dict] = {
     # synthetic world, toy CLIP (what the shipped toy runs were trained with)
+    # (lr 0.05: the student starts from random weights; README, "MaskCLIP+")
     "synth": dict(dataset="synth", setting="annotation-free", student="deeplabv2-toy", augment="synth", crop=96,
-                  steps=4000, batch_size=16, lr=0.01),
+                  steps=4000, batch_size=16, lr=0.05),
     "synth_zs3": dict(dataset="synth", setting="transductive", split_set="synth_zs", student="deeplabv2-toy",
-                      augment="synth", crop=96, steps=10000, batch_size=16, lr=0.01, self_training_from=1000),
+                      augment="synth", crop=96, steps=4000, batch_size=16, lr=0.05, self_training_from=400),
     # annotation-free, ViT-B/16 teacher (Table 1: 31.1 / 18.0)
     "context59": dict(dataset="context59", setting="annotation-free", model="ViT-B-16", pretrained="openai",
                       student="deeplabv2-r101", augment="context", crop=480, steps=4000, batch_size=16, lr=0.01,
