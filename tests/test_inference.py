@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from vocaseg import Segmenter, Vocabulary, VocabularyError
-from vocaseg.inference import key_smoothing, prompt_denoising, upsample_and_label, window_starts
+from vocaseg.dense import key_smoothing
+from vocaseg.inference import prompt_denoising, upsample_and_label, window_starts
 
 
 @pytest.fixture

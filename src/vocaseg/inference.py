@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import KEY_KINDS, RULES, CLIPBackbone
-from .dense import REFINE_TEMPERATURE, Classifier, DenseModel, TrainingFreeModel, key_smoothing  # noqa: F401
+from .dense import REFINE_TEMPERATURE, Classifier, DenseModel, TrainingFreeModel
 from .images import ImageInput, read_image
 from .vocabulary import TextEmbeddingCache, Vocabulary, resolve_templates
 

