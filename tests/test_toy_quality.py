@@ -37,9 +37,10 @@ def test_maskclip_far_above_raw(scores):
 def test_demo_runs_offline(tmp_path, capsys):
     from vocaseg.demo import run_demo
 
-    miou = run_demo(str(tmp_path / "demo"), num_scenes=2)
+    scores = run_demo(str(tmp_path / "demo"), num_scenes=2)
     assert (tmp_path / "demo" / "scene_0.png").is_file() and (tmp_path / "demo" / "scene_1.png").is_file()
-    assert 0.0 <= miou <= 100.0
+    assert set(scores) == {"MaskCLIP (toy CLIP)", "MaskCLIP+ (shipped run)"}
+    assert all(0.0 <= v <= 100.0 for v in scores.values())
     run_demo(str(tmp_path / "demo"), num_scenes=1)  # a second run never overwrites the first
     assert (tmp_path / "demo-2" / "scene_0.png").is_file()
     assert "mIoU" in capsys.readouterr().out

@@ -314,6 +314,9 @@ def cmd_train_maskclip_plus(args) -> int:
             overrides[key] = "none"
     try:
         preset = overrides.pop("preset", None) if args.resume else args.preset
+        if not args.resume:
+            from .runs import vocaseg_command
+            overrides["command"] = vocaseg_command()
         cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from None
@@ -552,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="models, methods, shipped runs, datasets, split sets, students, presets")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("demo", help="offline demo: synth scenes segmented by the shipped toy CLIP")
+    p = sub.add_parser("demo", help="offline demo: synth scenes segmented by the shipped toy CLIP (MaskCLIP) and the shipped MaskCLIP+ run")
     p.add_argument("--out", default="vocaseg-demo")
     p.add_argument("--scenes", type=int, default=6)
     p.add_argument("--overwrite", action="store_true")

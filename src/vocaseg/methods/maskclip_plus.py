@@ -184,6 +184,7 @@ class MaskClipPlusConfig:
     learned_background: bool = False
     templates: str = "maskclip85"
     eval_split: str = "val"
+    command: str | None = None  # the command line that started the run (kept on --resume)
     eval_images: int = 100  # periodic and final held-out eval (recorded only); 0: none
     eval_every: int = 0
     synth_seed: int = 0  # the synthetic world's seed (train and eval scenes)
@@ -448,11 +449,13 @@ class MaskClipPlusRecipe(Recipe):
             "classes": self.vocab.names, "dataset": cfg.dataset, "split_set": cfg.split_set,
             "templates": cfg.templates,
             "inference": PRESET_INFERENCE.get(cfg.preset or "", {"mode": "whole", "short_side": cfg.crop}),
-            "config": asdict(cfg), "command": vocaseg_command(),
+            "config": asdict(cfg), "command": cfg.command or vocaseg_command(),
             "trained": {k: summary[k] for k in ("steps", "train_seconds_this_run", "steps_per_s_this_run",
                                                 "processes", "device")} | {"final": summary["final"],
                                                                            "eval": summary.get("eval")},
         }
+        if summary.get("resumed_from"):
+            info["resumed"] = {"from_step": summary["resumed_from"], "command": vocaseg_command()}
         write_run(out, info, module.state_dict())
         print(f"run folder: {out} (load with --model {out}, or Segmenter.from_pretrained({str(out)!r}))")
 
