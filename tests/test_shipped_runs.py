@@ -16,7 +16,8 @@ SAMPLE = 100
 FLOORS = {
     # measured 40.9 mIoU (stuff 77.2, things 19.1); the MaskCLIP teacher scores 36.4-36.9 on these scenes
     "toy-maskclip-plus": (None, {"mIoU": 39.0}),
-    "toy-maskclip-plus-zs3": ("synth_zs", {"hIoU": 0.0, "mIoU_unseen": 0.0}),
+    # measured hIoU 76.5, mIoU(U) 74.8 (the bars: 70 and 60; MaskCLIP alone: 35.3 and 33.3)
+    "toy-maskclip-plus-zs3": ("synth_zs", {"hIoU": 72.0, "mIoU_unseen": 68.0}),
 }
 
 
