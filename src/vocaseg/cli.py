@@ -356,6 +356,8 @@ def cmd_list(args) -> int:
         info = read_run_info(path)
         ev = (info.get("trained") or {}).get("eval") or {}
         score = ", ".join(f"{k} {v}" for k, v in ev.items() if "IoU" in k)
+        n = next((v for k, v in ev.items() if k.endswith("_images")), None)
+        score += f" (held-out eval at the end of training, {n} images)" if score and n else ""
         print(f"  {name:<24s} {info['method']} ({info.get('setting')}, {info.get('dataset')}"
               f"{', ' + info['split_set'] if info.get('split_set') else ''}) {score}")
     if not runs:
