@@ -271,3 +271,16 @@ def test_run_on_random_clip_weights_reloads_the_same_weights(tmp_path):
     assert json.loads((tmp_path / "method.json").read_text())["clip"]["random_init_seed"] == 0
     seg = Segmenter.from_pretrained(str(tmp_path))
     torch.testing.assert_close(seg.classifier(recipe.vocab).weights, recipe.text_classifier.weights)
+
+
+def test_resuming_a_random_clip_run_keeps_random_weights(tmp_path):
+    """--pretrained none stays in the saved config, so --resume does not fall back to the preset's weights."""
+    from vocaseg.cli import main
+
+    out = tmp_path / "r"
+    assert main(["train", "maskclip-plus", "--out", str(out), "--pretrained", "none", "--steps", "2",
+                 "--batch-size", "2", "--crop", "64", "--eval-images", "0", "--templates", "photo"]) == 0
+    assert main(["train", "maskclip-plus", "--out", str(out), "--resume"]) == 0
+    info = json.loads((out / "method.json").read_text())
+    assert info["clip"]["pretrained"] is None and info["clip"]["random_init_seed"] == 0
+    assert "fingerprint" not in info["clip"]

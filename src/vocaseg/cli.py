@@ -320,8 +320,6 @@ def cmd_train_maskclip_plus(args) -> int:
         cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from None
-    if cfg.pretrained == "none":
-        cfg.pretrained = None
     summary = train_maskclip_plus(cfg)
     ev = summary.get("eval") or {}
     print(f"{summary['steps']} steps in {summary['train_seconds_this_run']:.0f} s "
