@@ -32,7 +32,7 @@ KEY_KINDS = ("official", "paper")
 
 @dataclass
 class DenseOutput:
-    features: torch.Tensor  # (B, D, h, w) float32, L2-normalised along D
+    features: torch.Tensor  # (B, D, h, w) float32, L2-normalised along D (unless asked not to be)
     keys: torch.Tensor | None  # (B, h*w, K) float32 patch keys of the last attention (not normalised)
 
 
@@ -120,8 +120,12 @@ class CLIPBackbone(nn.Module):
 
     # ----------------------------------------------------------------- image
     @torch.no_grad()
-    def dense(self, pixels: torch.Tensor, rule: str = "maskclip", keys: str | None = None) -> DenseOutput:
+    def dense(self, pixels: torch.Tensor, rule: str = "maskclip", keys: str | None = None,
+              normalize: bool = True) -> DenseOutput:
         """pixels (B,3,H,W) normalised -> features (B,D,H/s,W/s); H and W must be multiples of the stride.
+
+        normalize: L2-normalise the features along D (False: the projected features as they are,
+        e.g. for a feature-distillation target).
 
         keys: also return the last attention's patch keys for key smoothing: ``"paper"`` = the keys
         ``W_k ln_1(x) + b_k`` (MaskCLIP Eq. 5); ``"official"`` = the same passed through the attention's
@@ -134,17 +138,17 @@ class CLIPBackbone(nn.Module):
         if pixels.shape[-1] % self.stride or pixels.shape[-2] % self.stride:
             raise ValueError(f"input size {tuple(pixels.shape[-2:])} is not a multiple of the stride {self.stride}")
         if self.kind == "vit":
-            return self._dense_vit(pixels, rule, keys)
+            return self._dense_vit(pixels, rule, keys, normalize)
         if rule not in RESNET_RULES:
             raise NotImplementedError(
                 f"method {rule!r} is defined for ViT image towers; ResNet towers support {', '.join(RESNET_RULES)}")
-        return self._dense_resnet(pixels, rule, keys)
+        return self._dense_resnet(pixels, rule, keys, normalize)
 
     def tokens_before_last_block(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """ViT: the tokens entering the last block, (B, 1 + h*w, width) with the class token first, and (h, w)."""
         return vit_tokens(self.clip.visual, pixels, len(self.clip.visual.transformer.resblocks) - 1)
 
-    def _dense_vit(self, pixels: torch.Tensor, rule: str, keys: str | None) -> DenseOutput:
+    def _dense_vit(self, pixels: torch.Tensor, rule: str, keys: str | None, normalize: bool = True) -> DenseOutput:
         visual = self.clip.visual
         x, grid = self.tokens_before_last_block(pixels)
         block = visual.transformer.resblocks[-1]
@@ -180,12 +184,14 @@ class CLIPBackbone(nn.Module):
             else:  # clearclip / naclip drop the residual and the MLP
                 z = out
         f = visual.ln_post(z[:, 1:]) @ visual.proj
-        features = F.normalize(f.float(), dim=-1).transpose(1, 2).reshape(b, -1, *grid)
+        f = F.normalize(f.float(), dim=-1) if normalize else f.float()
+        features = f.transpose(1, 2).reshape(b, -1, *grid)
         if keys == "official":
             k = attn.out_proj(k)
         return DenseOutput(features, k[:, 1:].float() if keys else None)
 
-    def _dense_resnet(self, pixels: torch.Tensor, rule: str, keys: str | None) -> DenseOutput:
+    def _dense_resnet(self, pixels: torch.Tensor, rule: str, keys: str | None,
+                      normalize: bool = True) -> DenseOutput:
         visual = self.clip.visual
         x = visual.stem(pixels.to(visual.conv1.weight.dtype))
         x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
@@ -202,5 +208,6 @@ class CLIPBackbone(nn.Module):
                        for proj in (pool.q_proj, pool.k_proj, pool.v_proj))
             mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w + 1, -1)
             f = pool.c_proj(mixed)[:, 1:]
-        features = F.normalize(f.float(), dim=-1).transpose(1, 2).reshape(b, -1, h, w)
+        f = F.normalize(f.float(), dim=-1) if normalize else f.float()
+        features = f.transpose(1, 2).reshape(b, -1, h, w)
         return DenseOutput(features, pool.k_proj(tokens).float() if keys else None)

@@ -328,6 +328,46 @@ def cmd_train_maskclip_plus(args) -> int:
     return 0
 
 
+RECLIP_OPTIONS = ("model", "pretrained", "rect_run", "dataset", "data_root", "train_split", "train_images",
+                  "templates", "use_reference", "n_context", "position_bias", "bias_sign", "gumbel_scale",
+                  "pseudo_threshold", "pseudo_quantile", "pseudo_top_k", "student", "student_weights", "losses",
+                  "feature_weight", "text_weight", "distill_prune", "test_pruning", "augment", "crop", "steps",
+                  "batch_size", "lr", "weight_decay", "eval_split", "eval_images", "eval_every", "synth_seed",
+                  "precision", "seed", "workers", "checkpoint_every", "resume", "overwrite")
+
+
+def cmd_train_reclip(args) -> int:
+    from .methods.reclip import make_config, train_reclip
+
+    overrides = {k: getattr(args, k) for k in RECLIP_OPTIONS}
+    stage = args.stage
+    if args.resume:  # a resumed run continues with the configuration it was started with
+        overrides = _resumed_config(Path(args.out), overrides, ("workers", "checkpoint_every", "resume", "precision"))
+        stage = overrides.pop("stage", stage)
+    elif stage is None:
+        raise UserError("say which stage: --stage rect (rectification) or --stage distill --rect-run RUN")
+    for key in ("pretrained", "student_weights"):
+        if isinstance(overrides.get(key), str) and overrides[key].lower() == "none":
+            overrides[key] = "none"
+    for key in ("distill_prune", "test_pruning"):  # 0 switches the pruning off
+        if overrides.get(key) == 0:
+            overrides[key] = None
+    try:
+        preset = overrides.pop("preset", None) if args.resume else args.preset
+        if not args.resume:
+            from .runs import vocaseg_command
+            overrides["command"] = vocaseg_command()
+        cfg = make_config(preset, stage, out=args.out, device=_device(args.device), **overrides)
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err)) from None
+    summary = train_reclip(cfg)
+    ev = summary.get("eval") or {}
+    print(f"{summary['steps']} steps in {summary['train_seconds_this_run']:.0f} s "
+          f"({summary['steps_per_s_this_run']:.2f} steps/s); held-out: "
+          + (", ".join(f"{k} {v}" for k, v in ev.items()) or "none"))
+    return 0
+
+
 def cmd_list(args) -> int:
     import open_clip
 
@@ -336,6 +376,7 @@ def cmd_list(args) -> int:
     from .evaluation import ZERO_SHOT_SPLITS
     from .methods import METHODS
     from .methods.maskclip_plus import PRESETS
+    from .methods.reclip import PRESETS as RECLIP_PRESETS
     from .runs import read_run_info, shipped_runs
     from .students import list_students
 
@@ -364,6 +405,7 @@ def cmd_list(args) -> int:
     print(f"zero-shot split sets: {', '.join(ZERO_SHOT_SPLITS)} (or --split-set 'unseen:cls a,cls b')")
     print(f"students: {', '.join(list_students())}")
     print(f"maskclip-plus presets: {', '.join(PRESETS)}")
+    print(f"reclip presets (--stage rect | distill): {', '.join(RECLIP_PRESETS)}")
     return 0
 
 
@@ -551,6 +593,82 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_const", const=True, default=None, help="continue OUT/state.pt exactly")
     g.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a run in OUT")
     t.set_defaults(func=cmd_train_maskclip_plus)
+
+    t = tsub.add_parser(
+        "reclip", help="ReCLIP: rectify CLIP's class and space bias (--stage rect), then distil (--stage distill)",
+        formatter_class=fmt, description="Train ReCLIP (Wang & Kang, CVPR 2024), unsupervised: only the "
+        "training images and the class names are read, never a label. Stage rect learns a Reference prompt "
+        "(class-preference bias) and a projection of the positional embedding (space-preference bias) that "
+        "are subtracted from MaskCLIP's logits; stage distill trains a DeepLabV2 student from the rectified "
+        "CLIP. Each run folder loads with --model OUT anywhere (segment, eval, score, bench).",
+        epilog="presets (the paper's schedules; values you pass win):\n"
+        "  synth                        the toy recipe (toy CLIP, synthetic world, CPU-sized)\n"
+        "  voc20, context59, ade150     ViT-B/16, the official thresholds, crops and epochs\n\n"
+        "ablations (rect): --no-reference, --position-bias shared|none, --bias-sign add;\n"
+        "                  (distill): --losses mask | mask,feature | mask,feature,text\n\n"
+        "examples:\n"
+        "  vocaseg train reclip --preset synth --stage rect --out runs/r-rect\n"
+        "  vocaseg train reclip --preset synth --stage distill --rect-run runs/r-rect --out runs/r\n"
+        "  vocaseg train reclip --preset voc20 --stage rect --data-root data/VOCdevkit --out runs/voc-rect\n"
+        "  vocaseg train reclip --out runs/r --resume                  # continue an interrupted run exactly\n"
+        "  vocaseg eval --dataset synth --model runs/r                 # then use it like any model")
+    t.add_argument("--out", required=True, help="run folder (never overwritten without --overwrite)")
+    t.add_argument("--stage", choices=["rect", "distill"], default=None, help="rect: rectification; distill: "
+                   "distillation into a student (needs --rect-run)")
+    t.add_argument("--preset", default=None, help="start from a preset (see below)")
+    g = t.add_argument_group("CLIP and data")
+    g.add_argument("--model", default=None, help="the CLIP: toy (default), an open_clip name or a model folder")
+    g.add_argument("--pretrained", default=None, help="its weights: a tag, a file, 'none' (default: 'default')")
+    g.add_argument("--rect-run", default=None, help="distill: the rectification run to learn from (its CLIP is used)")
+    g.add_argument("--dataset", default=None, help="synth (default) or any dataset of `vocaseg list`")
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--train-split", default=None, help="split to train on (default: train)")
+    g.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
+    g.add_argument("--templates", default=None, help="prompt templates of the Query (default maskclip85)")
+    g.add_argument("--pseudo-threshold", type=float, default=None, metavar="T",
+                   help="image-level pseudo classes: 100 x cosine >= T (default: the preset's, else a quantile)")
+    g.add_argument("--pseudo-quantile", type=float, default=None, metavar="Q",
+                   help="without a threshold: T = this quantile of all training images' scores (default 0.75)")
+    g.add_argument("--pseudo-top-k", type=int, default=None, help="classes kept when none passes T (default 3)")
+    g = t.add_argument_group("rectification")
+    g.add_argument("--no-reference", dest="use_reference", action="store_const", const=False, default=None,
+                   help="ablation: no Reference prompt")
+    g.add_argument("--n-context", type=int, default=None, help="context vectors (default: all free text positions)")
+    g.add_argument("--position-bias", choices=["per-class", "shared", "none"], default=None,
+                   help="per-class (official, default), shared (the paper's one map) or none")
+    g.add_argument("--bias-sign", choices=["subtract", "add"], default=None, help="ablation: add the bias instead")
+    g.add_argument("--gumbel-scale", type=float, default=None, help="Gumbel-softmax of this x logits (default 1000)")
+    g.add_argument("--test-pruning", type=float, default=None, metavar="T",
+                   help="the result's test-time class pruning threshold (x100 softmax; 0: off; default: the preset's)")
+    g = t.add_argument_group("distillation")
+    g.add_argument("--student", default=None, help="deeplabv2-toy (default), deeplabv2-r50 ...")
+    g.add_argument("--student-weights", default=None,
+                   help="backbone weights: 'default' (ImageNet where it exists), a local .pth, or 'none'")
+    g.add_argument("--losses", default=None, help="comma-separated subset of mask,feature,text (default: all)")
+    g.add_argument("--feature-weight", type=float, default=None, help="alpha (default 0.5)")
+    g.add_argument("--text-weight", type=float, default=None, help="beta (default 0.5)")
+    g.add_argument("--distill-prune", type=float, default=None, metavar="T",
+                   help="prune the teacher's classes below T (x10 softmax; 0: off; default 0.5)")
+    g = t.add_argument_group("schedule and run")
+    g.add_argument("--augment", default=None, choices=["synth", "mmseg", "mmseg_context"])
+    g.add_argument("--crop", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--eval-split", default=None, help="held-out split evaluated at the end (recorded, never used "
+                   "to choose weights; default val)")
+    g.add_argument("--eval-images", type=int, default=None, help="images of it (default 100; 0: none)")
+    g.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps (default: end only)")
+    g.add_argument("--synth-seed", type=int, default=None, help="seed of the synthetic world (default 0)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None)
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default=None)
+    g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0)")
+    g.add_argument("--checkpoint-every", type=int, default=None)
+    g.add_argument("--resume", action="store_const", const=True, default=None, help="continue OUT/state.pt exactly")
+    g.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a run in OUT")
+    t.set_defaults(func=cmd_train_reclip)
 
     p = sub.add_parser("list", help="models, methods, shipped runs, datasets, split sets, students, presets")
     p.set_defaults(func=cmd_list)

@@ -48,4 +48,4 @@ def get_method(name: str) -> MethodEntry:
     return METHODS[name]
 
 
-from . import maskclip_plus  # noqa: E402,F401  (registers itself)
+from . import maskclip_plus, reclip  # noqa: E402,F401  (register themselves)

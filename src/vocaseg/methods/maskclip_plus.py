@@ -63,7 +63,8 @@ from ..loading import load_clip
 from ..runs import clip_identity, vocaseg_command, write_run
 from ..students import IMAGENET_MEAN, build_student
 from ..training.augment import MMSEG_CONTEXT, MMSEG_VOC_COCO, SYNTH_TOY, AugmentConfig, JointAugment
-from ..training.loop import Recipe, TrainerConfig, item_seed, train
+from ..training.loop import Recipe, TrainerConfig, train
+from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import register_method
 
@@ -272,42 +273,6 @@ def make_config(preset: str | None = None, **overrides) -> MaskClipPlusConfig:
 
 
 # ---------------------------------------------------------------------------- training data
-class TrainStream(torch.utils.data.Dataset):
-    """Item i of an endless stream of augmented crops with the setting's label map.
-
-    Item i reads image ``order[i % n]`` of a per-epoch permutation seeded by (seed, epoch) and draws
-    its augmentation from a generator seeded by (seed, i): it depends on i alone, as the trainer's
-    exact resume needs.
-    """
-
-    def __init__(self, dataset: SegDataset, augment: JointAugment, label_fn, seed: int, read_labels: bool):
-        self.dataset, self.augment, self.label_fn, self.seed = dataset, augment, label_fn, seed
-        self.read_labels = read_labels
-        self._epoch, self._order = None, None
-
-    def __len__(self) -> int:
-        return 1 << 40
-
-    def _index(self, i: int) -> int:
-        n = len(self.dataset)
-        epoch = i // n
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(item_seed(self.seed, "order", epoch))
-            self._epoch, self._order = epoch, torch.randperm(n, generator=g)
-        return int(self._order[i % n])
-
-    def __getitem__(self, i: int):
-        j = self._index(i)
-        if self.read_labels:
-            sample = self.dataset[j]
-            image, label = sample.image, self.label_fn(torch.from_numpy(sample.label))
-        else:  # annotation-free: the label file is never opened
-            image, label = self.dataset.image(j), None
-        g = torch.Generator().manual_seed(item_seed(self.seed, "augment", i))
-        pixels, mask = self.augment(image, label, generator=g)
-        return pixels, mask
-
-
 def label_function(setting: str, unlabeled: str, seen: torch.Tensor, void_from_gt: bool):
     """The map from a ground-truth label (H, W) to the training label map (-1 / 255 / class id)."""
     seen_ids = seen.nonzero().flatten()
