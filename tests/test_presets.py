@@ -33,9 +33,11 @@ def make_tree(root, dataset):
         base = root / "VOC2012"
         _pairs(base / "JPEGImages", base / "SegmentationClassAug", ["t0", "t1", "t2"], [0, 3, 15, 19, 255])
         _pairs(base / "JPEGImages", base / "SegmentationClass", ["v0", "v1"], [0, 3, 16, 20, 255])
+        _pairs(base / "JPEGImages", base / "SegmentationClass", ["t0", "t1", "t2"], [0, 3, 15, 19, 255])
         sets = base / "ImageSets" / "Segmentation"
         sets.mkdir(parents=True)
         (sets / "trainaug.txt").write_text("t0\nt1\nt2\n")
+        (sets / "train.txt").write_text("t0\nt1\nt2\n")
         (sets / "val.txt").write_text("v0\nv1\n")
     elif dataset in ("context59", "context60"):
         base = root / "VOC2010"
@@ -49,6 +51,10 @@ def make_tree(root, dataset):
         for split, names in (("train2017", ["1", "2"]), ("val2017", ["3"])):
             _pairs(base / "images" / split, base / "annotations" / split, names, [0, 18, 111, 170, 255],
                    suffix="_labelTrainIds.png")
+    elif dataset == "ade150":
+        base = root / "ADEChallengeData2016"
+        for split, names in (("training", ["a1", "a2"]), ("validation", ["a3"])):
+            _pairs(base / "images" / split, base / "annotations" / split, names, [0, 1, 75, 150])
     else:
         raise ValueError(dataset)
     return root

@@ -259,3 +259,36 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(stage, rect_run, tm
     assert main(["train", "reclip", "--out", str(killed), "--resume"]) == 0
     a, b = load_file(str(tmp_path / "straight" / "weights.safetensors")), load_file(str(killed / "weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------- presets for real data
+# voc20 in the default suite; the others (59 and 150 class names through ViT-B's text tower) are slow
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=[] if p == "voc20" else [pytest.mark.slow])
+                                    for p in PRESETS if p != "synth"])
+def test_real_preset_runs_both_stages_on_a_tiny_tree(preset, tmp_path):
+    """ViT-B/16 (random weights) and the DeepLabV2-R50 student, one step each on 64-px crops; the
+    paper's schedule is checked as configured."""
+    from test_presets import make_tree
+
+    rect_values, distill_values = PRESETS[preset]["rect"], PRESETS[preset]["distill"]
+    root = make_tree(tmp_path / "data", rect_values["dataset"])
+    common = ["--preset", preset, "--data-root", str(root), "--pretrained", "none", "--crop", "64", "--steps", "1",
+              "--templates", "plain", "--eval-images", "0"]
+    rect = tmp_path / "rect"
+    assert main(["train", "reclip", "--stage", "rect", "--out", str(rect), *common]) == 0
+    info = json.loads((rect / "method.json").read_text())
+    assert info["clip"]["model"] == "ViT-B-16" and info["config"]["batch_size"] == 1  # official batch
+    assert info["pseudo_classes"]["rule"] == "official threshold"
+    assert info["inference"]["prompt_denoising"] == rect_values["test_pruning"]  # the official test pruning
+    n_ctx = info["model"]["n_context"]
+    assert n_ctx + 2 + 1 <= 77 and n_ctx >= 60  # every free slot, names never cut
+    out = tmp_path / "distill"
+    assert main(["train", "reclip", "--stage", "distill", "--rect-run", str(rect), "--out", str(out),
+                 "--student-weights", "none", "--batch-size", "2", *common]) == 0
+    info = json.loads((out / "method.json").read_text())
+    assert info["model"]["student"] == "deeplabv2-r50" and distill_values["batch_size"] == 16
+    assert "prompt_denoising" not in info["inference"]  # the student is evaluated without pruning
+    from vocaseg import Segmenter
+
+    seg = Segmenter.from_pretrained(str(out), short_side=64)
+    assert seg.predict(np.zeros((40, 50, 3), np.uint8), ["cat", "road"]).labels.shape == (40, 50)

@@ -329,7 +329,7 @@ def cmd_train_maskclip_plus(args) -> int:
 
 
 RECLIP_OPTIONS = ("model", "pretrained", "rect_run", "dataset", "data_root", "train_split", "train_images",
-                  "templates", "use_reference", "n_context", "position_bias", "bias_sign", "gumbel_scale",
+                  "templates", "use_reference", "n_context", "position_bias", "bias_init_scale", "bias_sign", "gumbel_scale",
                   "pseudo_threshold", "pseudo_quantile", "pseudo_top_k", "student", "student_weights", "losses",
                   "feature_weight", "text_weight", "distill_prune", "test_pruning", "augment", "crop", "steps",
                   "batch_size", "lr", "weight_decay", "eval_split", "eval_images", "eval_every", "synth_seed",
@@ -388,7 +388,7 @@ def cmd_list(args) -> int:
     print("methods:")
     print(f"  training-free: {', '.join(RULES)}")
     for entry in METHODS.values():
-        print(f"  {entry.name:<20s}  {entry.summary} (train: vocaseg train {entry.name})")
+        print(f"  {entry.name:<20s}  {entry.summary} (train: {entry.train})")
     print("shipped runs (--model NAME):")
     runs = shipped_runs()
     for name, path in runs.items():
@@ -636,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-context", type=int, default=None, help="context vectors (default: all free text positions)")
     g.add_argument("--position-bias", choices=["per-class", "shared", "none"], default=None,
                    help="per-class (official, default), shared (the paper's one map) or none")
+    g.add_argument("--bias-init-scale", type=float, default=None, metavar="S",
+                   help="initial scale of the positional bias map (its last BN's gamma; official 1.0)")
     g.add_argument("--bias-sign", choices=["subtract", "add"], default=None, help="ablation: add the bias instead")
     g.add_argument("--gumbel-scale", type=float, default=None, help="Gumbel-softmax of this x logits (default 1000)")
     g.add_argument("--test-pruning", type=float, default=None, metavar="T",

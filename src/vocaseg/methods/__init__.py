@@ -23,20 +23,22 @@ class MethodEntry:
     name: str
     summary: str
     model: type[DenseModel]
+    train: str  # the command that trains it
 
 
 METHODS: dict[str, MethodEntry] = {}
 
 
-def register_method(name: str, summary: str):
-    """Class decorator: register a DenseModel subclass as trained method ``name`` (fails on duplicates)."""
+def register_method(name: str, summary: str, train: str | None = None):
+    """Class decorator: register a DenseModel subclass as trained method ``name`` (fails on duplicates);
+    ``train``: the command that trains it (default ``vocaseg train NAME``)."""
 
     def wrap(cls: type[DenseModel]) -> type[DenseModel]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice ({METHODS[name].model.__qualname__}, "
                              f"{cls.__qualname__})")
         cls.name = name
-        METHODS[name] = MethodEntry(name, summary, cls)
+        METHODS[name] = MethodEntry(name, summary, cls, train or f"vocaseg train {name}")
         return cls
 
     return wrap

@@ -47,8 +47,11 @@ Where vocaseg departs from the official code (github.com/dogehhh/ReCLIP @f4366f2
 - the distillation pruning keeps at least each position's best class (the official code labels
   everything class 0 when every class is pruned);
 - image-level pseudo classes: the official thresholds (100 x cosine >= T, else the top K) are for
-  ViT-B/16; for other CLIPs (the toy) T is a quantile of all training images' scores, chosen
-  without labels (``pseudo_quantile``).
+  ViT-B/16; for other CLIPs (the toy) each image's scores are centred (minus their mean over the
+  classes) and T is a quantile of all training images' centred scores, chosen without labels
+  (``pseudo_quantile``);
+- the toy preset starts the positional bias map at 1/100 of the official scale
+  (``bias_init_scale``; README, "ReCLIP").
 """
 
 from __future__ import annotations
@@ -167,7 +170,8 @@ class PositionBias(nn.Module):
     always normalises with the statistics of the one map it sees (``track_running_stats=False``).
     """
 
-    def __init__(self, width: int, out_channels: int, hidden: tuple[int, int] | None = None):
+    def __init__(self, width: int, out_channels: int, hidden: tuple[int, int] | None = None,
+                 init_scale: float = 1.0):
         super().__init__()
         hidden = hidden or (2 * width // 3, width // 3)  # ViT-B: 768 -> 512 -> 256 (official)
         layers, c = [], width
@@ -178,6 +182,7 @@ class PositionBias(nn.Module):
             layers += [conv, nn.BatchNorm2d(h, track_running_stats=False), nn.ReLU(inplace=True)]
             c = h
         self.net = nn.Sequential(*layers)
+        nn.init.constant_(layers[-2].weight, init_scale)  # the last BN's gamma: the bias map's initial scale
 
     def forward(self, positional: torch.Tensor) -> torch.Tensor:
         """(1, width, h, w) positional embedding -> (1, out_channels, h, w), >= 0."""
@@ -314,12 +319,12 @@ class _ReferenceHead(DenseModel):
 
 
 @register_method("reclip-rect", "ReCLIP rectification: MaskCLIP logits minus a learned Reference prompt and "
-                                "a positional bias (unsupervised)")
+                                "a positional bias (unsupervised)", train="vocaseg train reclip --stage rect")
 class ReclipRectified(_ReferenceHead):
     """Frozen MaskCLIP Query logits minus the learned class- and space-preference biases."""
 
     def __init__(self, side: _ClipSide, trained_classes: list[str], n_context: int, use_reference: bool = True,
-                 position_bias: str = "per-class", bias_sign: str = "subtract"):
+                 position_bias: str = "per-class", bias_sign: str = "subtract", bias_init_scale: float = 1.0):
         super().__init__()
         if position_bias not in POSITION_BIAS:
             raise ValueError(f"position_bias must be one of {POSITION_BIAS}, not {position_bias!r}")
@@ -337,7 +342,7 @@ class ReclipRectified(_ReferenceHead):
         self.reference = ReferencePrompt(n_context, init.shape[0], init) if use_reference else None
         width = side.clip.visual.positional_embedding.shape[1] if side.backbone.kind == "vit" else 0
         out = len(trained_classes) if position_bias == "per-class" else 1
-        self.position_bias = PositionBias(width, out) if position_bias != "none" else None
+        self.position_bias = PositionBias(width, out, init_scale=bias_init_scale) if position_bias != "none" else None
 
     @classmethod
     def from_run(cls, info: dict, loaded) -> "ReclipRectified":
@@ -382,7 +387,8 @@ class ReclipRectified(_ReferenceHead):
 
 
 @register_method("reclip", "ReCLIP distillation: a DeepLabV2 student with the frozen Query-minus-Reference "
-                           "head, taught by the rectified CLIP (unsupervised)")
+                           "head, taught by the rectified CLIP (unsupervised)",
+                 train="vocaseg train reclip --stage distill")
 class ReclipDistilled(_ReferenceHead):
     """The student; its classifier is ``F^ W_q - F^ W_r`` (the trained Reference, frozen)."""
 
@@ -439,6 +445,7 @@ class ReclipConfig:
     use_reference: bool = True
     n_context: int | None = None  # None: every slot the longest class name leaves free
     position_bias: str = "per-class"
+    bias_init_scale: float = 1.0  # the bias map's initial scale (its last BN's gamma; official: 1)
     bias_sign: str = "subtract"
     gumbel_scale: float = 1000.0
     pseudo_threshold: float | None = None  # 100 x cosine (official per dataset); None: from pseudo_quantile
@@ -519,8 +526,10 @@ AUGMENTS = {
 _REAL = dict(model="ViT-B-16", pretrained="openai", student="deeplabv2-r50", lr=0.01, min_lr=1e-4)
 PRESETS: dict[str, dict[str, dict]] = {
     "synth": {
+        # the bias map starts at 1/100 of the official scale: at the official scale its random init
+        # outweighs the toy CLIP's cosine gaps and the run ends below MaskCLIP (README, "ReCLIP")
         "rect": dict(dataset="synth", train_images=8000, augment="synth", crop=96, steps=3000, batch_size=8,
-                     lr=0.01, min_lr=0.0),
+                     lr=0.01, min_lr=0.0, bias_init_scale=0.01),
         "distill": dict(dataset="synth", train_images=8000, augment="synth", crop=96, steps=3000, batch_size=16,
                         lr=0.05, min_lr=1e-4, student="deeplabv2-toy"),
     },
@@ -605,20 +614,42 @@ class _ReclipRecipe(Recipe):
             if saved["present"].shape == (len(self.train_data), len(self.vocab)):
                 self.pseudo_info = json.loads((Path(cfg.out) / "pseudo_classes.json").read_text())
                 return saved["present"]
-        scores = global_scores(self.side.clip, self.train_data, self.query, self.loaded.mean,
-                               self.loaded.std, self.device, progress=cfg.progress)
+        scores = self._global_scores()
         threshold = cfg.pseudo_threshold
         rule = "official threshold"
-        if threshold is None:  # label-free: a quantile of all (image, class) scores
-            threshold = float(torch.quantile(scores.flatten().float(), cfg.pseudo_quantile))
-            rule = f"quantile {cfg.pseudo_quantile} of all training scores"
-        present = image_level_classes(scores, threshold, cfg.pseudo_top_k)
+        ranked = scores
+        if threshold is None:
+            # label-free: each image's scores minus their mean over the classes (a CLIP's image-text
+            # similarity carries an offset per image, common to all classes), thresholded at a quantile
+            # of all training images' centred scores
+            ranked = scores - scores.mean(1, keepdim=True)
+            threshold = float(torch.quantile(ranked.flatten().float(), cfg.pseudo_quantile))
+            rule = f"quantile {cfg.pseudo_quantile} of all training images' per-image-centred scores"
+        present = image_level_classes(ranked, threshold, cfg.pseudo_top_k)
         self.pseudo_info = {"threshold": round(threshold, 4), "rule": rule, "top_k": cfg.pseudo_top_k,
                             "images": len(present),
                             "mean_classes_per_image": round(present.sum(1).float().mean().item(), 3),
-                            "fallback_images": int((~(scores >= threshold).any(1)).sum())}
+                            "fallback_images": int((~(ranked >= threshold).any(1)).sum())}
         self._pseudo_to_save = {"present": present, "scores": scores.half()}
         return present
+
+    def _global_scores(self) -> torch.Tensor:
+        """The CLIP's image-level class scores of every training image, cached on disk when the weights
+        have a stable identity (the same images and classes give the same scores in every run)."""
+        from ..vocabulary import TextEmbeddingCache, default_cache_dir
+
+        cfg = self.cfg
+        model_id = self.loaded.identity
+        cache = TextEmbeddingCache(default_cache_dir().parent / "image_scores", enabled=model_id is not None)
+        root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
+        key = TextEmbeddingCache.key(str(model_id), self.clip.templates, json.dumps(
+            [cfg.dataset, root, cfg.train_split, len(self.train_data), cfg.synth_seed, self.vocab.names]))
+        scores = cache.get(key)
+        if scores is None:
+            scores = global_scores(self.side.clip, self.train_data, self.query, self.loaded.mean, self.loaded.std,
+                                   self.device, progress=cfg.progress)
+            cache.put(key, scores)
+        return scores
 
     def dataset(self):
         cfg = self.cfg
@@ -696,7 +727,7 @@ class RectificationRecipe(_ReclipRecipe):
     def build(self) -> nn.Module:
         cfg = self.cfg
         model = ReclipRectified(self.side, self.vocab.names, self.n_context, cfg.use_reference, cfg.position_bias,
-                                cfg.bias_sign)
+                                cfg.bias_sign, cfg.bias_init_scale)
         # the training vocabulary's text side: W_q, the Reference prompts' tokens, each name's bias channel
         names, _ = self.vocab.prompt_names()
         self.text = Classifier(self.query.weights, self.query.owner, self.query.num_classes)
