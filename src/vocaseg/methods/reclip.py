@@ -44,8 +44,8 @@ Where vocaseg departs from the official code (github.com/dogehhh/ReCLIP @f4366f2
 - the PE net's BatchNorm always uses the statistics of the one positional-embedding map it sees,
   in training and at inference (the official distillation runs it that way too); names are not cut
   to two tokens (the official code loses the end-of-text token of longer names);
-- the distillation pruning keeps at least each position's best class (the official code labels
-  everything class 0 when every class is pruned);
+- the pruning keeps an image's most probable class when no class passes the threshold (the official
+  code then labels the whole image class 0);
 - image-level pseudo classes: the official thresholds (100 x cosine >= T, else the top K) are for
   ViT-B/16; for other CLIPs (the toy) each image's scores are centred (minus their mean over the
   classes) and T is a quantile of all training images' centred scores, chosen without labels
@@ -228,11 +228,11 @@ def masked_feature_contrast(masks: torch.Tensor, features: torch.Tensor, text: C
 
 def prune_classes(logits: torch.Tensor, scale: float, threshold: float) -> torch.Tensor:
     """Per image, set the logits of every class whose max over positions of softmax(scale * logits) is
-    below ``threshold`` to -100 (ReCLIP's pruning), keeping at least the best class at every position.
-    logits (B, C, h, w)."""
-    p = torch.softmax(scale * logits.float(), dim=1)
-    keep = p.flatten(2).amax(2) >= threshold  # (B, C)
-    keep = keep | F.one_hot(logits.flatten(2).argmax(1), logits.shape[1]).bool().any(1)  # guard
+    below ``threshold`` to -100 (ReCLIP's pruning). An image where no class reaches the threshold
+    keeps its most probable class (the official code would label it all class 0). logits (B, C, h, w)."""
+    peak = torch.softmax(scale * logits.float(), dim=1).flatten(2).amax(2)  # (B, C)
+    keep = peak >= threshold
+    keep |= ~keep.any(1, keepdim=True) & (peak == peak.amax(1, keepdim=True))  # guard
     return logits.masked_fill(~keep[:, :, None, None], PRUNE_LOGIT) if not keep.all() else logits
 
 
