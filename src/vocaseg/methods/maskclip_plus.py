@@ -45,8 +45,6 @@ computed on detached features and trains nothing, is not reproduced.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path

@@ -57,12 +57,12 @@ Where vocaseg departs from the official code (github.com/dogehhh/ReCLIP @f4366f2
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -252,7 +252,7 @@ def global_scores(clip: nn.Module, dataset: SegDataset, text: Classifier, mean, 
                       leave=False):
         images = []
         for j in range(start, min(start + batch, len(dataset))):
-            img = torch.from_numpy(dataset.image(j)).permute(2, 0, 1)
+            img = torch.from_numpy(np.array(dataset.image(j))).permute(2, 0, 1)
             img = TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
             images.append(TF.center_crop(img, size))
         pixels = (torch.stack(images).to(device).float() / 255 - mean_t) / std_t
