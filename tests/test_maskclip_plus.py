@@ -110,14 +110,14 @@ def test_annotation_free_never_reads_labels(tmp_path, monkeypatch):
 def test_teacher_and_text_classifier_never_change_and_loss_falls(tmp_path):
     from safetensors.torch import load_file
 
-    from vocaseg.methods.maskclip_plus import trainer_config
+    from vocaseg.training.loop import sgd_poly_config
     from vocaseg.training.loop import read_log, train
 
     cfg = tiny_config(tmp_path, steps=20, lr=0.05, checkpoint_every=100)
     recipe = MaskClipPlusRecipe(cfg)
     teacher = {k: v.clone() for k, v in recipe.clip.backbone.clip.state_dict().items()}
     text = recipe.text_classifier.weights.clone()
-    train(recipe, trainer_config(cfg))
+    train(recipe, sgd_poly_config(cfg))
     for k, v in recipe.clip.backbone.clip.state_dict().items():
         assert torch.equal(v, teacher[k]), k
     assert torch.equal(recipe.text_classifier.weights, text)
@@ -264,10 +264,10 @@ def test_run_on_random_clip_weights_reloads_the_same_weights(tmp_path):
 
     cfg = tiny_config(tmp_path, steps=1, pretrained="none")  # None would mean "the preset's"
     recipe = MaskClipPlusRecipe(cfg)
-    from vocaseg.methods.maskclip_plus import trainer_config
+    from vocaseg.training.loop import sgd_poly_config
     from vocaseg.training.loop import train
 
-    train(recipe, trainer_config(cfg))
+    train(recipe, sgd_poly_config(cfg))
     assert json.loads((tmp_path / "method.json").read_text())["clip"]["random_init_seed"] == 0
     seg = Segmenter.from_pretrained(str(tmp_path))
     torch.testing.assert_close(seg.classifier(recipe.vocab).weights, recipe.text_classifier.weights)

@@ -301,36 +301,56 @@ def _resumed_config(out: Path, overrides: dict, changeable: tuple[str, ...]) -> 
     return {**saved, **{k: v for k, v in overrides.items() if v is not None and k in changeable}}
 
 
+RESUME_CHANGEABLE = ("workers", "checkpoint_every", "resume", "precision")  # options a --resume may change
+
+
+def _normalise_none(overrides: dict, keys: tuple[str, ...]) -> None:
+    """'None' / 'NONE' on the command line mean the option's value 'none' (e.g. random weights)."""
+    for key in keys:
+        if isinstance(overrides.get(key), str) and overrides[key].lower() == "none":
+            overrides[key] = "none"
+
+
+def _preset_and_command(args, overrides: dict) -> str | None:
+    """The preset to start from (a resumed run's own config already holds it) and, for a new run,
+    the command line recorded in its config."""
+    if args.resume:
+        return overrides.pop("preset", None)
+    from .runs import vocaseg_command
+
+    overrides["command"] = vocaseg_command()
+    return args.preset
+
+
+def _report_training(summary: dict) -> None:
+    ev = summary.get("eval") or {}
+    print(f"{summary['steps']} steps in {summary['train_seconds_this_run']:.0f} s "
+          f"({summary['steps_per_s_this_run']:.2f} steps/s); held-out: "
+          + (", ".join(f"{k} {v}" for k, v in ev.items()) or "none"))
+
+
 def cmd_train_maskclip_plus(args) -> int:
     from .methods.maskclip_plus import make_config, train_maskclip_plus
 
     overrides = {k: getattr(args, k) for k in MCP_OPTIONS}
     if args.resume:  # a resumed run continues with the configuration it was started with
-        overrides = _resumed_config(Path(args.out), overrides, ("workers", "checkpoint_every", "resume", "precision"))
+        overrides = _resumed_config(Path(args.out), overrides, RESUME_CHANGEABLE)
     if overrides["self_training_from"] is not None and overrides["self_training_from"] <= 0:
         overrides["self_training_from"] = 10 ** 12  # "never": guided learning throughout
-    for key in ("pretrained", "student_weights"):
-        if isinstance(overrides.get(key), str) and overrides[key].lower() == "none":
-            overrides[key] = "none"
+    _normalise_none(overrides, ("pretrained", "student_weights"))
     try:
-        preset = overrides.pop("preset", None) if args.resume else args.preset
-        if not args.resume:
-            from .runs import vocaseg_command
-            overrides["command"] = vocaseg_command()
+        preset = _preset_and_command(args, overrides)
         cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from None
     summary = train_maskclip_plus(cfg)
-    ev = summary.get("eval") or {}
-    print(f"{summary['steps']} steps in {summary['train_seconds_this_run']:.0f} s "
-          f"({summary['steps_per_s_this_run']:.2f} steps/s); held-out: "
-          + (", ".join(f"{k} {v}" for k, v in ev.items()) or "none"))
+    _report_training(summary)
     return 0
 
 
 RECLIP_OPTIONS = ("model", "pretrained", "rect_run", "dataset", "data_root", "train_split", "train_images",
-                  "templates", "use_reference", "n_context", "position_bias", "bias_init_scale", "bias_sign", "gumbel_scale",
-                  "pseudo_threshold", "pseudo_quantile", "pseudo_top_k", "student", "student_weights", "losses",
+                  "templates", "use_reference", "n_context", "position_bias", "bias_init_scale", "bias_sign",
+                  "gumbel_scale", "pseudo_threshold", "pseudo_quantile", "pseudo_top_k", "student", "student_weights", "losses",
                   "feature_weight", "text_weight", "distill_prune", "test_pruning", "augment", "crop", "steps",
                   "batch_size", "lr", "weight_decay", "eval_split", "eval_images", "eval_every", "synth_seed",
                   "precision", "seed", "workers", "checkpoint_every", "resume", "overwrite")
@@ -342,29 +362,21 @@ def cmd_train_reclip(args) -> int:
     overrides = {k: getattr(args, k) for k in RECLIP_OPTIONS}
     stage = args.stage
     if args.resume:  # a resumed run continues with the configuration it was started with
-        overrides = _resumed_config(Path(args.out), overrides, ("workers", "checkpoint_every", "resume", "precision"))
+        overrides = _resumed_config(Path(args.out), overrides, RESUME_CHANGEABLE)
         stage = overrides.pop("stage", stage)
     elif stage is None:
         raise UserError("say which stage: --stage rect (rectification) or --stage distill --rect-run RUN")
-    for key in ("pretrained", "student_weights"):
-        if isinstance(overrides.get(key), str) and overrides[key].lower() == "none":
-            overrides[key] = "none"
+    _normalise_none(overrides, ("pretrained", "student_weights"))
     for key in ("distill_prune", "test_pruning"):  # 0 switches the pruning off
         if overrides.get(key) == 0:
             overrides[key] = None
     try:
-        preset = overrides.pop("preset", None) if args.resume else args.preset
-        if not args.resume:
-            from .runs import vocaseg_command
-            overrides["command"] = vocaseg_command()
+        preset = _preset_and_command(args, overrides)
         cfg = make_config(preset, stage, out=args.out, device=_device(args.device), **overrides)
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from None
     summary = train_reclip(cfg)
-    ev = summary.get("eval") or {}
-    print(f"{summary['steps']} steps in {summary['train_seconds_this_run']:.0f} s "
-          f"({summary['steps_per_s_this_run']:.2f} steps/s); held-out: "
-          + (", ".join(f"{k} {v}" for k, v in ev.items()) or "none"))
+    _report_training(summary)
     return 0
 
 

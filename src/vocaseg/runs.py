@@ -94,6 +94,17 @@ def vocaseg_command() -> str:
         else " ".join(sys.argv)
 
 
+def training_record(summary: dict) -> dict:
+    """The part of method.json that says how a run was trained, from the trainer's summary: steps,
+    time, speed, processes, device, final losses and held-out eval, and the resume if there was one."""
+    record = {"trained": {k: summary[k] for k in ("steps", "train_seconds_this_run", "steps_per_s_this_run",
+                                                  "processes", "device")}
+              | {"final": summary["final"], "eval": summary.get("eval")}}
+    if summary.get("resumed_from"):
+        record["resumed"] = {"from_step": summary["resumed_from"], "command": vocaseg_command()}
+    return record
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,

@@ -58,10 +58,10 @@ from ..dense import Classifier, DenseModel, TrainingFreeModel, class_logits, ful
 from ..evaluation import ZeroShotSplit, evaluate, get_split
 from ..inference import Segmenter, prompt_denoising
 from ..loading import load_clip
-from ..runs import clip_identity, vocaseg_command, write_run
+from ..runs import clip_identity, training_record, vocaseg_command, write_run
 from ..students import IMAGENET_MEAN, build_student
 from ..training.augment import MMSEG_CONTEXT, MMSEG_VOC_COCO, SYNTH_TOY, AugmentConfig, JointAugment
-from ..training.loop import Recipe, TrainerConfig, train
+from ..training.loop import Recipe, sgd_poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import register_method
@@ -368,7 +368,7 @@ class MaskClipPlusRecipe(Recipe):
         pixels, labels = batch
         features = module(pixels)
         text = self.text_classifier
-        weights = unwrap_model(module).text_weights(text.weights.to(features.dtype), self.has_background)
+        weights = unwrap(module).text_weights(text.weights.to(features.dtype), self.has_background)
         logits = class_logits(torch.einsum("bdhw,nd->bnhw", features, weights), text)
         phase = self.phase(step)
         candidates = self.candidates.to(labels.device)
@@ -416,32 +416,16 @@ class MaskClipPlusRecipe(Recipe):
             "templates": cfg.templates,
             "inference": PRESET_INFERENCE.get(cfg.preset or "", {"mode": "whole", "short_side": cfg.crop}),
             "config": asdict(cfg), "command": cfg.command or vocaseg_command(),
-            "trained": {k: summary[k] for k in ("steps", "train_seconds_this_run", "steps_per_s_this_run",
-                                                "processes", "device")} | {"final": summary["final"],
-                                                                           "eval": summary.get("eval")},
+            **training_record(summary),
         }
-        if summary.get("resumed_from"):
-            info["resumed"] = {"from_step": summary["resumed_from"], "command": vocaseg_command()}
         write_run(out, info, module.state_dict())
         print(f"run folder: {out} (load with --model {out}, or Segmenter.from_pretrained({str(out)!r}))")
 
-
-def unwrap_model(module: nn.Module) -> MaskClipPlusModel:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
-def trainer_config(cfg: MaskClipPlusConfig) -> TrainerConfig:
-    return TrainerConfig(
-        out=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, schedule="poly", poly_power=cfg.poly_power, min_lr=cfg.min_lr,
-        precision=cfg.precision, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
-        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, log_every=cfg.log_every,
-        resume=cfg.resume, overwrite=cfg.overwrite, progress=cfg.progress)
 
 
 def train_maskclip_plus(cfg: MaskClipPlusConfig) -> dict:
     """Train (or resume) a MaskCLIP+ run into ``cfg.out``; returns the trainer's summary."""
     t0 = time.time()
-    summary = train(MaskClipPlusRecipe(cfg), trainer_config(cfg), config_record=asdict(cfg))
+    summary = train(MaskClipPlusRecipe(cfg), sgd_poly_config(cfg), config_record=asdict(cfg))
     summary["wall_seconds"] = round(time.time() - t0, 1)
     return summary

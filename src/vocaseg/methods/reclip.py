@@ -74,10 +74,11 @@ from ..dense import Classifier, DenseModel, class_logits, full_precision
 from ..evaluation import evaluate
 from ..inference import Segmenter
 from ..loading import load_clip
-from ..runs import RunError, clip_identity, find_run, read_run_info, vocaseg_command, write_run
+from ..runs import (RunError, clip_identity, find_run, read_run_info, training_record, vocaseg_command,
+                    write_run)
 from ..students import IMAGENET_MEAN, build_student
 from ..training.augment import AugmentConfig, JointAugment
-from ..training.loop import Recipe, TrainerConfig, train
+from ..training.loop import Recipe, sgd_poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import register_method
@@ -702,12 +703,8 @@ class _ReclipRecipe(Recipe):
             "classes": self.vocab.names, "dataset": cfg.dataset, "templates": cfg.templates,
             "inference": self.inference_options(), "pseudo_classes": self.pseudo_info,
             "config": asdict(cfg), "command": cfg.command or vocaseg_command(),
-            "trained": {k: summary[k] for k in ("steps", "train_seconds_this_run", "steps_per_s_this_run",
-                                                "processes", "device")} | {"final": summary["final"],
-                                                                           "eval": summary.get("eval")},
+            **training_record(summary),
         }
-        if summary.get("resumed_from"):
-            info["resumed"] = {"from_step": summary["resumed_from"], "command": vocaseg_command()}
         return info
 
 
@@ -853,23 +850,11 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
-def trainer_config(cfg: ReclipConfig) -> TrainerConfig:
-    return TrainerConfig(
-        out=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, schedule="poly", poly_power=cfg.poly_power, min_lr=cfg.min_lr,
-        precision=cfg.precision, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
-        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, log_every=cfg.log_every,
-        resume=cfg.resume, overwrite=cfg.overwrite, progress=cfg.progress)
-
 
 def train_reclip(cfg: ReclipConfig) -> dict:
     """Train (or resume) one ReCLIP stage into ``cfg.out``; returns the trainer's summary."""
     t0 = time.time()
     recipe = RectificationRecipe(cfg) if cfg.stage == "rect" else DistillationRecipe(cfg)
-    summary = train(recipe, trainer_config(cfg), config_record=asdict(cfg))
+    summary = train(recipe, sgd_poly_config(cfg), config_record=asdict(cfg))
     summary["wall_seconds"] = round(time.time() - t0, 1)
     return summary

@@ -285,6 +285,17 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
+def sgd_poly_config(cfg) -> TrainerConfig:
+    """The trainer settings of a method config with the usual fields (out, steps, lr, ...): SGD with
+    momentum and mmseg's poly schedule, as the segmentation recipes train."""
+    return TrainerConfig(
+        out=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, schedule="poly", poly_power=cfg.poly_power, min_lr=cfg.min_lr,
+        precision=cfg.precision, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
+        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, log_every=cfg.log_every,
+        resume=cfg.resume, overwrite=cfg.overwrite, progress=cfg.progress)
+
+
 def train(recipe: Recipe, cfg: TrainerConfig, config_record: dict | None = None) -> dict:
     """Run ``recipe`` under ``cfg``; returns a summary (also written into the run folder by the recipe)."""
     rank, world = distributed_context()
