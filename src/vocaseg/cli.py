@@ -351,7 +351,7 @@ def cmd_train_maskclip_plus(args) -> int:
 RECLIP_OPTIONS = ("model", "pretrained", "rect_run", "dataset", "data_root", "train_split", "train_images",
                   "templates", "use_reference", "n_context", "position_bias", "bias_init_scale", "bias_sign",
                   "gumbel_scale", "pseudo_threshold", "pseudo_quantile", "pseudo_top_k", "student", "student_weights", "losses",
-                  "feature_weight", "text_weight", "distill_prune", "test_pruning", "augment", "crop", "steps",
+                  "feature_weight", "text_weight", "distill_prune", "distill_prune_scale", "test_pruning", "augment", "crop", "steps",
                   "batch_size", "lr", "weight_decay", "eval_split", "eval_images", "eval_every", "synth_seed",
                   "precision", "seed", "workers", "checkpoint_every", "resume", "overwrite")
 
@@ -662,7 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-weight", type=float, default=None, help="alpha (default 0.5)")
     g.add_argument("--text-weight", type=float, default=None, help="beta (default 0.5)")
     g.add_argument("--distill-prune", type=float, default=None, metavar="T",
-                   help="prune the teacher's classes below T (x10 softmax; 0: off; default 0.5)")
+                   help="prune the teacher's classes whose softmax (at --distill-prune-scale) never reaches T "
+                        "(0: off; default 0.5)")
+    g.add_argument("--distill-prune-scale", type=float, default=None, metavar="S",
+                   help="the softmax scale of that pruning (official: 10; the synth preset: 100)")
     g = t.add_argument_group("schedule and run")
     g.add_argument("--augment", default=None, choices=["synth", "mmseg", "mmseg_context"])
     g.add_argument("--crop", type=int, default=None)
