@@ -127,9 +127,7 @@ class ReferencePrompt(nn.Module):
         room = context_length - 2 - self.n_context
         ids = torch.zeros(len(names), context_length, dtype=torch.long)
         eot = torch.empty(len(names), dtype=torch.long)
-        for i, row in enumerate(plain):
-            end = int(row.argmax())  # CLIP's EOT has the largest id
-            name = row[1:end]
+        for i, (row, name) in enumerate(zip(plain, name_tokens(plain))):
             if len(name) > room:
                 warnings.warn(f"class name {names[i]!r} has {len(name)} tokens; with {self.n_context} context "
                               f"vectors only {room} fit: the Reference reads its first {room}", stacklevel=2)
@@ -137,7 +135,7 @@ class ReferencePrompt(nn.Module):
             ids[i, 0] = row[0]
             ids[i, 1 + self.n_context:1 + self.n_context + len(name)] = name
             eot[i] = 1 + self.n_context + len(name)
-            ids[i, eot[i]] = row[end]
+            ids[i, eot[i]] = row.max()  # CLIP's EOT has the largest id
         return ids, eot
 
     def forward(self, clip: nn.Module, ids: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
@@ -156,6 +154,11 @@ class ReferencePrompt(nn.Module):
         x = x[torch.arange(len(x), device=x.device), eot.to(x.device)]
         proj = tower.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj.float()
+
+
+def name_tokens(rows: torch.Tensor) -> list[torch.Tensor]:
+    """The name's tokens of each tokenised row ``[SOT, name..., EOT, 0...]`` (CLIP's EOT has the largest id)."""
+    return [row[1:int(row.argmax())] for row in rows]
 
 
 def frobenius_normalize(weights: torch.Tensor) -> torch.Tensor:
@@ -722,7 +725,7 @@ class RectificationRecipe(_ReclipRecipe):
             torch.manual_seed(cfg.seed)
         loaded = load_clip(cfg.model, pretrained=pretrained, device=self.device)
         self._setup_clip(loaded, clip_identity(cfg.model, pretrained, loaded.pretrained, random_seed=cfg.seed))
-        longest = max(len(t) for t in _name_tokens(loaded.tokenizer, self.vocab.prompt_names()[0]))
+        longest = max(len(t) for t in name_tokens(loaded.tokenizer(self.vocab.prompt_names()[0])))
         self.n_context = cfg.n_context or (self.side.context_length - 2 - longest)
         if self.n_context < 1 or self.n_context + longest + 2 > self.side.context_length:
             raise ValueError(f"{self.n_context} context vectors and names of up to {longest} tokens do not fit "
@@ -844,9 +847,6 @@ class _Loaded:  # the parts of loading.LoadedClip the recipes read
     pretrained: str | None = None
 
 
-def _name_tokens(tokenizer, names: list[str]) -> list[torch.Tensor]:
-    rows = tokenizer(names)
-    return [row[1:int(row.argmax())] for row in rows]
 
 
 def _rank() -> int:
