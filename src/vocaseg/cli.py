@@ -220,8 +220,16 @@ def _write_result(result: dict, out: str | None, overwrite: bool) -> None:
 def cmd_eval(args) -> int:
     import torch
 
-    from .evaluation import evaluate
+    from .evaluation import WorstImages, evaluate
 
+    report = Path(args.report) if args.report else None
+    if report is not None:
+        if report.exists() and not report.is_dir():
+            raise UserError(f"--report {report} is a file; give a folder")
+        if (report / "index.html").exists() and not args.overwrite:
+            raise UserError(f"--report {report} already holds a report; pass --overwrite to replace it")
+        if args.report_worst < 0:
+            raise UserError("--report-worst must be 0 or more")
     dataset = _dataset_from_args(args)
     split = _split_from_args(args, dataset)
     # the dataset's protocol, then a trained run's own (e.g. whole image), then what the command line says
@@ -234,10 +242,14 @@ def cmd_eval(args) -> int:
             torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
             args.device = f"cuda:{torch.cuda.current_device()}"
     seg = _load_segmenter(args, dataset.templates, options)
+    worst = WorstImages(args.report_worst, len(dataset.classes)) if report is not None else None
     t0 = time.time()
-    result = evaluate(seg, dataset, split, batch_images=args.batch_images, workers=args.workers,
-                      save_predictions=args.save_predictions)
+    result, matrix = evaluate(seg, dataset, split, batch_images=args.batch_images, workers=args.workers,
+                              save_predictions=args.save_predictions, on_image=worst, return_matrix=True)
     result["seconds"] = round(time.time() - t0, 1)
+    if worst is not None:
+        worst.gather()
+        result["worst_images"] = worst.summary()
     result["config"] = {"dataset": dataset.name, "data_root": args.data_root, "split": args.split,
                         "split_set": args.split_set, "model": args.model, "pretrained": args.pretrained,
                         "method": seg.method, "templates": args.templates or dataset.templates,
@@ -246,6 +258,11 @@ def cmd_eval(args) -> int:
                         "command": " ".join(sys.argv)}
     if not distributed or torch.distributed.get_rank() == 0:
         _write_result(result, args.out, args.overwrite)
+        if report is not None:
+            from .report import write_report
+
+            index = write_report(result, report, dataset.classes, matrix.matrix, worst)
+            print(f"report -> {index} (open it in a browser; no server needed)")
     if distributed:
         torch.distributed.destroy_process_group()
     return 0
@@ -484,12 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--synth-seed", type=int, default=None,
                        help="synth: draw the scenes of the world seeded N instead of 0 (held-out worlds)")
         q.add_argument("--out", default=None, help="write the JSON result here")
-        q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing --out file (eval: and --report folder)")
 
     p = sub.add_parser("eval", help="run a method over a benchmark and report mIoU", formatter_class=fmt,
                        description="Evaluate a method on a dataset with the dataset's protocol (SCLIP's for the "
                        "benchmarks). Multi-GPU/CPU: torchrun --nproc-per-node N -m vocaseg.cli eval ...",
                        epilog="examples:\n  vocaseg eval --dataset synth --model toy --method maskclip\n"
+                       "  vocaseg eval --dataset synth --model toy --out r.json --report report/   # + HTML report\n"
                        "  vocaseg eval --dataset voc21 --data-root data/VOCdevkit/VOC2012 --method sclip --out r.json\n"
                        "  vocaseg eval --dataset folder --data-root ../shared/data/camvid --image-dir val \\\n"
                        "      --label-dir valannot --classes-file camvid.txt --ignore-index 11\n\n" + EPILOG_MODELS)
@@ -497,6 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-images", type=int, default=4, help="images per inference batch (default 4)")
     p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
     p.add_argument("--save-predictions", default=None, help="also write label PNGs to this folder")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="also write an HTML report to DIR/index.html (opens without a server): per-class IoU "
+                   "bar chart, confusion-matrix heat map, the worst images as picture | ground truth | "
+                   "prediction, and the same JSON as --out (DIR/eval.json)")
+    p.add_argument("--report-worst", type=int, default=6, metavar="N",
+                   help="images shown in the report's worst-images section (default 6; 0: none)")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
