@@ -104,14 +104,6 @@ def _load_segmenter(args, templates, options: dict):
                                      device=_device(args.device), templates=args.templates or templates, **options)
 
 
-def _run_inference_defaults(model: str) -> dict:
-    """A run folder's own inference defaults (its paper's protocol), or {} for a CLIP."""
-    from .runs import find_run, read_run_info
-
-    run = find_run(model)
-    return read_run_info(run).get("inference", {}) if run is not None else {}
-
-
 # ---------------------------------------------------------------------------- segment
 def cmd_segment(args) -> int:
     from tqdm import tqdm
@@ -221,6 +213,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from .evaluation import WorstImages, evaluate
+    from .runs import run_inference_defaults
 
     report = Path(args.report) if args.report else None
     if report is not None:
@@ -233,7 +226,7 @@ def cmd_eval(args) -> int:
     dataset = _dataset_from_args(args)
     split = _split_from_args(args, dataset)
     # the dataset's protocol, then a trained run's own (e.g. whole image), then what the command line says
-    options = _inference_options(args, {**dataset.protocol, **_run_inference_defaults(args.model)})
+    options = _inference_options(args, {**dataset.protocol, **run_inference_defaults(args.model)})
     distributed = "RANK" in __import__("os").environ and not torch.distributed.is_initialized()
     if distributed:
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
@@ -443,6 +436,17 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(args.out, num_scenes=args.scenes, overwrite=args.overwrite, device=_device(args.device))
+    return 0
+
+
+def cmd_gallery(args) -> int:
+    from .gallery import make_gallery
+
+    if args.scenes < 1:
+        raise UserError("--scenes must be 1 or more")
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    make_gallery(args.out, scenes=args.scenes, split=args.split, model=args.model, pretrained=pretrained,
+                 runs=args.run, device=_device(args.device), overwrite=args.overwrite)
     return 0
 
 
@@ -717,6 +721,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "gallery", help="the same synth scenes segmented by every available method, side by side, with mIoUs",
+        formatter_class=fmt, description="Segment the first N scenes of a synth split with every training-free "
+        "rule of the CLIP and every trained run on it, and draw one picture: a row per scene, columns image | "
+        "ground truth | each method, each method's mIoU over these scenes in its header and each image's own "
+        "mIoU in its corner. Writes OUT/gallery.png and OUT/gallery.json (the numbers). The mIoUs are those of "
+        "`vocaseg eval --dataset synth --split SPLIT --limit N --model M --method X`.",
+        epilog="examples:\n"
+        "  vocaseg gallery --out docs/                        # the README's picture: toy rules + shipped runs\n"
+        "  vocaseg gallery --out g/ --scenes 8 --split val\n"
+        "  vocaseg gallery --out g/ --run runs/mcp --run runs/rect   # your runs instead of the shipped ones")
+    p.add_argument("--out", required=True, help="folder for gallery.png and gallery.json")
+    p.add_argument("--scenes", type=int, default=5, help="scenes (rows) drawn and scored (default 5)")
+    p.add_argument("--split", default="test", choices=["val", "test", "train"], help="synth split (default test)")
+    p.add_argument("--model", default="toy", help="the CLIP whose training-free rules are shown (default toy), or a run")
+    p.add_argument("--pretrained", default="default", help="its weights (default: 'default')")
+    p.add_argument("--run", action="append", default=None, metavar="RUN",
+                   help="a trained run to show (repeat for more; default: the shipped runs trained on --model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/gallery.png")
+    p.set_defaults(func=cmd_gallery)
 
     p = sub.add_parser("bench", help="images/s and peak memory of inference (random weights)")
     p.add_argument("--model", default="ViT-B-16")

@@ -221,6 +221,18 @@ def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_image
     return (result, cm) if return_matrix else result
 
 
+def image_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                 ignore_index: int = IGNORE_INDEX) -> tuple[float, float] | None:
+    """One image's (mIoU, pixel accuracy) in percent: the dataset-level rule applied to one image
+    (mean IoU over the classes in its ground truth or prediction); None when no pixel is labelled."""
+    cm = ConfusionMatrix(num_classes, device=pred.device, ignore_index=ignore_index)
+    cm.update(pred, target)
+    total = cm.matrix.sum()
+    if total == 0:
+        return None
+    return 100 * _nanmean(cm.ious()), 100 * (cm.matrix.diagonal().sum() / total).item()
+
+
 class WorstImages:
     """An ``on_image`` hook of :func:`evaluate` that keeps the ``k`` images a method does worst on.
 
@@ -239,13 +251,10 @@ class WorstImages:
         self._seen += 1
         if self.k <= 0:
             return
-        cm = ConfusionMatrix(self.num_classes, device=pred.device, ignore_index=self.ignore_index)
-        target = torch.from_numpy(sample.label)
-        cm.update(pred, target)
-        if cm.matrix.sum() == 0:  # nothing labelled in this image: nothing to judge
+        scores = image_scores(pred, torch.from_numpy(sample.label), self.num_classes, self.ignore_index)
+        if scores is None:  # nothing labelled in this image: nothing to judge
             return
-        miou = 100 * _nanmean(cm.ious())
-        acc = 100 * (cm.matrix.diagonal().sum() / cm.matrix.sum()).item()
+        miou, acc = scores
         if len(self.items) == self.k and (miou, order) >= (self.items[-1]["mIoU"], self.items[-1]["order"]):
             return
         image, label, prediction = _shrink(sample.image, sample.label, pred.cpu().numpy(), self.max_side)
