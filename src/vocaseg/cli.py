@@ -7,6 +7,9 @@
   vocaseg train clip --out runs/toy
   vocaseg train maskclip-plus --preset synth --out runs/mcp
   vocaseg list                                  # models, methods, shipped runs, datasets, presets
+  vocaseg eval --dataset synth --model toy --report report/   # + an HTML report
+  vocaseg gallery --out docs/                   # every method on the same synth scenes, one picture
+  vocaseg app                                   # a web page (pip install "vocaseg[app]")
   vocaseg bench
 """
 
@@ -110,7 +113,7 @@ def cmd_segment(args) -> int:
 
     from .images import ImageReadError, expand_inputs, read_image
     from .visualize import overlay, save_label_png
-    from .vocabulary import Vocabulary
+    from .vocabulary import Vocabulary, parse_background
 
     # Everything about the user's input is checked before any weights are loaded.
     if args.classes_file:
@@ -119,9 +122,7 @@ def cmd_segment(args) -> int:
         vocab = Vocabulary.parse(args.classes)
     else:
         raise UserError("name the classes: --classes \"cat, dog, grass\" (or --classes-file FILE)")
-    background = None
-    if args.background:
-        background = True if args.background == "background" else [w.strip() for w in args.background.split(",")]
+    background = parse_background(args.background)
     paths = expand_inputs(args.inputs)
     if not paths:
         raise UserError(f"no images found in {' '.join(args.inputs)}")
@@ -439,6 +440,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    import importlib.util
+
+    from .app import INSTALL_HINT, SegmentationApp, launch
+
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError(INSTALL_HINT)
+    if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
+        raise UserError("--max-upload-mb and --max-megapixels must be positive")
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    app = SegmentationApp(args.model, pretrained=pretrained, runs=args.run, device=_device(args.device),
+                          max_upload_mb=args.max_upload_mb, max_megapixels=args.max_megapixels)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: serving on {args.host}, reachable from other machines", file=sys.stderr)
+    print(f"vocaseg app: model {args.model}, methods {', '.join(app.methods)}; {app.limits_text()}")
+    launch(app, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_gallery(args) -> int:
     from .gallery import make_gallery
 
@@ -721,6 +741,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "app", help="a web page: upload an image, type classes, see the segmentation (needs vocaseg[app])",
+        formatter_class=fmt, description="Serve a Gradio page: upload or paste an image (or pick a bundled "
+        "synthetic example), type the classes (synonyms: 'tv, television; sofa; cat'), pick the method (every "
+        "training-free rule of the model, and trained runs), set window/whole, key smoothing, prompt denoising, "
+        "background words and a probability threshold; see the overlay with a legend, the class shares and the "
+        "time taken, and download the label PNG. Runs offline with the shipped toy CLIP. Binds to 127.0.0.1 "
+        "unless --host says otherwise. Needs Gradio: pip install \"vocaseg[app]\".",
+        epilog="examples:\n"
+        "  vocaseg app                                           # toy CLIP + its shipped runs, http://127.0.0.1:7860\n"
+        "  vocaseg app --model ViT-B-16 --pretrained /path/ViT-B-16.pt --device cuda\n"
+        "  vocaseg app --model runs/mcp                          # a trained run (and its CLIP's rules)\n"
+        "  vocaseg app --host 0.0.0.0 --port 8080                # reachable from other machines\n\n"
+        + EPILOG_MODELS)
+    p.add_argument("--model", default="toy", help="a CLIP (its training-free rules) or a run folder / shipped "
+                   "run (default: toy)")
+    p.add_argument("--pretrained", default="default", help="CLIP weights: 'default', an open_clip tag, a file, "
+                   "or 'none'")
+    p.add_argument("--run", action="append", default=None, metavar="RUN",
+                   help="a trained run to offer too (repeat for more; default: the shipped runs trained on --model)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted, MB (default 10)")
+    p.add_argument("--max-megapixels", type=float, default=16.0, help="largest image accepted (default 16 MP)")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser(
         "gallery", help="the same synth scenes segmented by every available method, side by side, with mIoUs",

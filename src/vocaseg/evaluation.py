@@ -247,6 +247,8 @@ class WorstImages:
         self._seen = 0
 
     def __call__(self, sample, pred: torch.Tensor) -> None:
+        from .visualize import shrink
+
         order = self._seen
         self._seen += 1
         if self.k <= 0:
@@ -257,7 +259,7 @@ class WorstImages:
         miou, acc = scores
         if len(self.items) == self.k and (miou, order) >= (self.items[-1]["mIoU"], self.items[-1]["order"]):
             return
-        image, label, prediction = _shrink(sample.image, sample.label, pred.cpu().numpy(), self.max_side)
+        image, (label, prediction) = shrink(sample.image, [sample.label, pred.cpu().numpy()], self.max_side)
         self.items.append({"id": sample.id, "mIoU": miou, "aAcc": acc, "order": order, "image": image,
                            "label": label, "prediction": prediction})
         self.items.sort(key=lambda item: (item["mIoU"], item["order"]))
@@ -278,22 +280,6 @@ class WorstImages:
     def summary(self) -> list[dict]:
         """What goes into the result JSON: id, mIoU and pixel accuracy of each, worst first."""
         return [{"id": item["id"], "mIoU": item["mIoU"], "aAcc": item["aAcc"]} for item in self.items]
-
-
-def _shrink(image, label, prediction, max_side: int | None):
-    """Downscale an (image, label, prediction) triple so its long side is at most ``max_side``."""
-    import numpy as np
-    from PIL import Image
-
-    h, w = label.shape
-    if not max_side or max(h, w) <= max_side:
-        return image, label, prediction
-    scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-    near = [np.asarray(Image.fromarray(a.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
-            for a in (label, prediction)]
-    return small, near[0], near[1]
 
 
 def score_predictions(dataset, pred_dir: str, split: ZeroShotSplit | None = None, progress: bool = True) -> dict:

@@ -101,6 +101,20 @@ def overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], alpha
     return canvas
 
 
+def shrink(image: np.ndarray, label_maps: Sequence[np.ndarray], max_side: int | None):
+    """Downscale an image (bilinear) and label maps of its size (nearest) so the long side is at most
+    ``max_side``; returns (image, [label maps]) unchanged when they already fit."""
+    h, w = image.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return image, list(label_maps)
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    maps = [np.asarray(Image.fromarray(m.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
+            for m in label_maps]
+    return small, maps
+
+
 def side_by_side(panels: Sequence[Image.Image], gap: int = 6) -> Image.Image:
     width = sum(p.width for p in panels) + gap * (len(panels) - 1)
     height = max(p.height for p in panels)
