@@ -147,3 +147,40 @@ def test_report_is_not_overwritten(report, capsys):
     root, _ = report
     assert main(ARGS + ["--report", str(root / "rep")]) == 2
     assert "already holds a report" in capsys.readouterr().err
+
+
+def test_worst_images_merge_across_processes(monkeypatch):
+    """Under torchrun each process keeps its own worst images; gather() merges them as if one process
+    had seen the whole dataset (image k of process r is dataset image r + k * world)."""
+    import torch
+
+    from vocaseg import evaluation
+    from vocaseg.data.datasets import Sample
+
+    label = np.array([[0, 0], [1, 1]])
+    preds = {"good": label, "half": np.array([[0, 0], [0, 0]]), "bad": np.array([[1, 1], [0, 0]])}
+    # dataset order: 0 half, 1 bad, 2 good, 3 half, 4 good, 5 bad -> worst three: 1, 5 (bad, tie: earlier first), 0
+    kinds = ["half", "bad", "good", "half", "good", "bad"]
+    world, shared = 2, {}
+
+    def run(rank):
+        w = evaluation.WorstImages(3, 2)
+        for i in range(rank, len(kinds), world):
+            w(Sample(f"img{i}", np.zeros((2, 2, 3), np.uint8), label), torch.from_numpy(preds[kinds[i]]))
+        monkeypatch.setattr(evaluation, "_distributed", lambda: (rank, world))
+
+        def fake_gather(out, mine):
+            shared[rank] = mine
+            out[:] = [shared.get(r, []) for r in range(world)]
+
+        monkeypatch.setattr(torch.distributed, "all_gather_object", fake_gather)
+        w.gather()
+        return w
+
+    run(1)
+    merged = run(0)
+    assert [item["id"] for item in merged.items] == ["img1", "img5", "img0"]
+    single = evaluation.WorstImages(3, 2)
+    for i, kind in enumerate(kinds):
+        single(Sample(f"img{i}", np.zeros((2, 2, 3), np.uint8), label), torch.from_numpy(preds[kind]))
+    assert merged.summary() == single.summary()

@@ -70,7 +70,7 @@ def per_class_chart(result: dict, path: Path) -> None:
                 ax.text(v + 1, y, fmt(v), va="center", fontsize=7)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90 if n <= 60 else 150)  # small labels stay legible when zoomed
 
 
 def confusion_chart(matrix: np.ndarray, classes: Sequence[str], path: Path) -> None:
@@ -102,7 +102,7 @@ def confusion_chart(matrix: np.ndarray, classes: Sequence[str], path: Path) -> N
                             color="white" if share[i, j] > 60 else "black")
     fig.colorbar(im, ax=ax, label="% of the class's ground-truth pixels", shrink=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90 if n <= 40 else 150)
 
 
 def write_report(result: dict, out_dir: str | Path, classes: Sequence[str], matrix, worst=None) -> Path:
