@@ -7,6 +7,9 @@
   vocaseg train clip --out runs/toy
   vocaseg train maskclip-plus --preset synth --out runs/mcp
   vocaseg list                                  # models, methods, shipped runs, datasets, presets
+  vocaseg eval --dataset synth --model toy --report report/   # + an HTML report
+  vocaseg gallery --out docs/                   # every method on the same synth scenes, one picture
+  vocaseg app                                   # a web page (pip install "vocaseg[app]")
   vocaseg bench
 """
 
@@ -104,21 +107,13 @@ def _load_segmenter(args, templates, options: dict):
                                      device=_device(args.device), templates=args.templates or templates, **options)
 
 
-def _run_inference_defaults(model: str) -> dict:
-    """A run folder's own inference defaults (its paper's protocol), or {} for a CLIP."""
-    from .runs import find_run, read_run_info
-
-    run = find_run(model)
-    return read_run_info(run).get("inference", {}) if run is not None else {}
-
-
 # ---------------------------------------------------------------------------- segment
 def cmd_segment(args) -> int:
     from tqdm import tqdm
 
     from .images import ImageReadError, expand_inputs, read_image
     from .visualize import overlay, save_label_png
-    from .vocabulary import Vocabulary
+    from .vocabulary import Vocabulary, parse_background
 
     # Everything about the user's input is checked before any weights are loaded.
     if args.classes_file:
@@ -127,9 +122,7 @@ def cmd_segment(args) -> int:
         vocab = Vocabulary.parse(args.classes)
     else:
         raise UserError("name the classes: --classes \"cat, dog, grass\" (or --classes-file FILE)")
-    background = None
-    if args.background:
-        background = True if args.background == "background" else [w.strip() for w in args.background.split(",")]
+    background = parse_background(args.background)
     paths = expand_inputs(args.inputs)
     if not paths:
         raise UserError(f"no images found in {' '.join(args.inputs)}")
@@ -220,12 +213,21 @@ def _write_result(result: dict, out: str | None, overwrite: bool) -> None:
 def cmd_eval(args) -> int:
     import torch
 
-    from .evaluation import evaluate
+    from .evaluation import WorstImages, evaluate
+    from .runs import run_inference_defaults
 
+    report = Path(args.report) if args.report else None
+    if report is not None:
+        if report.exists() and not report.is_dir():
+            raise UserError(f"--report {report} is a file; give a folder")
+        if (report / "index.html").exists() and not args.overwrite:
+            raise UserError(f"--report {report} already holds a report; pass --overwrite to replace it")
+        if args.report_worst < 0:
+            raise UserError("--report-worst must be 0 or more")
     dataset = _dataset_from_args(args)
     split = _split_from_args(args, dataset)
     # the dataset's protocol, then a trained run's own (e.g. whole image), then what the command line says
-    options = _inference_options(args, {**dataset.protocol, **_run_inference_defaults(args.model)})
+    options = _inference_options(args, {**dataset.protocol, **run_inference_defaults(args.model)})
     distributed = "RANK" in __import__("os").environ and not torch.distributed.is_initialized()
     if distributed:
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
@@ -234,10 +236,14 @@ def cmd_eval(args) -> int:
             torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
             args.device = f"cuda:{torch.cuda.current_device()}"
     seg = _load_segmenter(args, dataset.templates, options)
+    worst = WorstImages(args.report_worst, len(dataset.classes)) if report is not None else None
     t0 = time.time()
-    result = evaluate(seg, dataset, split, batch_images=args.batch_images, workers=args.workers,
-                      save_predictions=args.save_predictions)
+    result, matrix = evaluate(seg, dataset, split, batch_images=args.batch_images, workers=args.workers,
+                              save_predictions=args.save_predictions, on_image=worst, return_matrix=True)
     result["seconds"] = round(time.time() - t0, 1)
+    if worst is not None:
+        worst.gather()
+        result["worst_images"] = worst.summary()
     result["config"] = {"dataset": dataset.name, "data_root": args.data_root, "split": args.split,
                         "split_set": args.split_set, "model": args.model, "pretrained": args.pretrained,
                         "method": seg.method, "templates": args.templates or dataset.templates,
@@ -246,6 +252,11 @@ def cmd_eval(args) -> int:
                         "command": " ".join(sys.argv)}
     if not distributed or torch.distributed.get_rank() == 0:
         _write_result(result, args.out, args.overwrite)
+        if report is not None:
+            from .report import write_report
+
+            index = write_report(result, report, dataset.classes, matrix.matrix, worst)
+            print(f"report -> {index} (open it in a browser; no server needed)")
     if distributed:
         torch.distributed.destroy_process_group()
     return 0
@@ -429,6 +440,36 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    import importlib.util
+
+    from .app import INSTALL_HINT, SegmentationApp, launch
+
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError(INSTALL_HINT)
+    if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
+        raise UserError("--max-upload-mb and --max-megapixels must be positive")
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    app = SegmentationApp(args.model, pretrained=pretrained, runs=args.run, device=_device(args.device),
+                          max_upload_mb=args.max_upload_mb, max_megapixels=args.max_megapixels)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: serving on {args.host}, reachable from other machines", file=sys.stderr)
+    print(f"vocaseg app: model {args.model}, methods {', '.join(app.methods)}; {app.limits_text()}")
+    launch(app, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_gallery(args) -> int:
+    from .gallery import make_gallery
+
+    if args.scenes < 1:
+        raise UserError("--scenes must be 1 or more")
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    make_gallery(args.out, scenes=args.scenes, split=args.split, model=args.model, pretrained=pretrained,
+                 runs=args.run, device=_device(args.device), overwrite=args.overwrite)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
@@ -484,12 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--synth-seed", type=int, default=None,
                        help="synth: draw the scenes of the world seeded N instead of 0 (held-out worlds)")
         q.add_argument("--out", default=None, help="write the JSON result here")
-        q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing --out file (eval: and --report folder)")
 
     p = sub.add_parser("eval", help="run a method over a benchmark and report mIoU", formatter_class=fmt,
                        description="Evaluate a method on a dataset with the dataset's protocol (SCLIP's for the "
                        "benchmarks). Multi-GPU/CPU: torchrun --nproc-per-node N -m vocaseg.cli eval ...",
                        epilog="examples:\n  vocaseg eval --dataset synth --model toy --method maskclip\n"
+                       "  vocaseg eval --dataset synth --model toy --out r.json --report report/   # + HTML report\n"
                        "  vocaseg eval --dataset voc21 --data-root data/VOCdevkit/VOC2012 --method sclip --out r.json\n"
                        "  vocaseg eval --dataset folder --data-root ../shared/data/camvid --image-dir val \\\n"
                        "      --label-dir valannot --classes-file camvid.txt --ignore-index 11\n\n" + EPILOG_MODELS)
@@ -497,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-images", type=int, default=4, help="images per inference batch (default 4)")
     p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
     p.add_argument("--save-predictions", default=None, help="also write label PNGs to this folder")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="also write an HTML report to DIR/index.html (opens without a server): per-class IoU "
+                   "bar chart, confusion-matrix heat map, the worst images as picture | ground truth | "
+                   "prediction, and the same JSON as --out (DIR/eval.json)")
+    p.add_argument("--report-worst", type=int, default=6, metavar="N",
+                   help="images shown in the report's worst-images section (default 6; 0: none)")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -696,6 +744,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "app", help="a web page: upload an image, type classes, see the segmentation (needs vocaseg[app])",
+        formatter_class=fmt, description="Serve a Gradio page: upload or paste an image (or pick a bundled "
+        "synthetic example), type the classes (synonyms: 'tv, television; sofa; cat'), pick the method (every "
+        "training-free rule of the model, and trained runs), set window/whole, key smoothing, prompt denoising, "
+        "background words and a probability threshold; see the overlay with a legend, the class shares and the "
+        "time taken, and download the label PNG. Runs offline with the shipped toy CLIP. Binds to 127.0.0.1 "
+        "unless --host says otherwise. Needs Gradio: pip install \"vocaseg[app]\".",
+        epilog="examples:\n"
+        "  vocaseg app                                           # toy CLIP + its shipped runs, http://127.0.0.1:7860\n"
+        "  vocaseg app --model ViT-B-16 --pretrained /path/ViT-B-16.pt --device cuda\n"
+        "  vocaseg app --model runs/mcp                          # a trained run (and its CLIP's rules)\n"
+        "  vocaseg app --host 0.0.0.0 --port 8080                # reachable from other machines\n\n"
+        + EPILOG_MODELS)
+    p.add_argument("--model", default="toy", help="a CLIP (its training-free rules) or a run folder / shipped "
+                   "run (default: toy)")
+    p.add_argument("--pretrained", default="default", help="CLIP weights: 'default', an open_clip tag, a file, "
+                   "or 'none'")
+    p.add_argument("--run", action="append", default=None, metavar="RUN",
+                   help="a trained run to offer too (repeat for more; default: the shipped runs trained on --model)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted, MB (default 10)")
+    p.add_argument("--max-megapixels", type=float, default=16.0, help="largest image accepted (default 16 MP)")
+    p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser(
+        "gallery", help="the same synth scenes segmented by every available method, side by side, with mIoUs",
+        formatter_class=fmt, description="Segment the first N scenes of a synth split with every training-free "
+        "rule of the CLIP and every trained run on it, and draw one picture: a row per scene, columns image | "
+        "ground truth | each method, each method's mIoU over these scenes in its header and each image's own "
+        "mIoU in its corner. Writes OUT/gallery.png and OUT/gallery.json (the numbers). The mIoUs are those of "
+        "`vocaseg eval --dataset synth --split SPLIT --limit N --model M --method X`.",
+        epilog="examples:\n"
+        "  vocaseg gallery --out docs/                        # the README's picture: toy rules + shipped runs\n"
+        "  vocaseg gallery --out g/ --scenes 8 --split val\n"
+        "  vocaseg gallery --out g/ --run runs/mcp --run runs/rect   # your runs instead of the shipped ones")
+    p.add_argument("--out", required=True, help="folder for gallery.png and gallery.json")
+    p.add_argument("--scenes", type=int, default=5, help="scenes (rows) drawn and scored (default 5)")
+    p.add_argument("--split", default="test", choices=["val", "test", "train"], help="synth split (default test)")
+    p.add_argument("--model", default="toy", help="the CLIP whose training-free rules are shown (default toy), or a run")
+    p.add_argument("--pretrained", default="default", help="its weights (default: 'default')")
+    p.add_argument("--run", action="append", default=None, metavar="RUN",
+                   help="a trained run to show (repeat for more; default: the shipped runs trained on --model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/gallery.png")
+    p.set_defaults(func=cmd_gallery)
 
     p = sub.add_parser("bench", help="images/s and peak memory of inference (random weights)")
     p.add_argument("--model", default="ViT-B-16")

@@ -11,7 +11,7 @@ import torch
 
 from .data.synth import CLASSES, SynthScenes
 from .evaluation import ConfusionMatrix
-from .visualize import overlay, side_by_side
+from .visualize import overlay, picture, side_by_side
 
 # What a person might type; the index is the synth class id (so the ground truth can be scored).
 DEMO_CLASS_NAMES = [
@@ -46,7 +46,7 @@ def run_demo(out: str = "vocaseg-demo", num_scenes: int = 6, overwrite: bool = F
     out_dir = _fresh_folder(Path(out), overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     scenes = SynthScenes("test", length=num_scenes)
-    panels = [[overlay(s.image, np.full(s.mask.shape, 255), [], title="image"),
+    panels = [[picture(s.image, title="image"),
                overlay(s.image, s.mask, DEMO_CLASS_NAMES, title="ground truth")] for s in scenes]
     scores = {}
     for name, method, label in models:

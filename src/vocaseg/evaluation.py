@@ -90,14 +90,20 @@ class ConfusionMatrix:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.matrix)
 
+    def ious(self) -> torch.Tensor:
+        """(C,) float64 IoU per class; NaN for a class absent from both ground truth and prediction."""
+        m = self.matrix.double()
+        intersect = m.diagonal()
+        union = m.sum(1) + m[:, : self.num_classes].sum(0) - intersect
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=m.device)
+        return torch.where(union > 0, intersect / union.clamp_min(1), nan)
+
     def compute(self, classes: Sequence[str], split: ZeroShotSplit | None = None) -> dict:
         m = self.matrix.double()
         intersect = m.diagonal()
         area_label = m.sum(1)
-        area_pred = m[:, : self.num_classes].sum(0)
-        union = area_label + area_pred - intersect
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=m.device)
-        iou = torch.where(union > 0, intersect / union.clamp_min(1), nan)
+        iou = self.ious()
         acc = torch.where(area_label > 0, intersect / area_label.clamp_min(1), nan)
         total = area_label.sum()
         if total == 0:
@@ -171,9 +177,13 @@ class _Shard(torch.utils.data.Dataset):
 
 
 def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_images: int = 4, workers: int = 2,
-             save_predictions: str | None = None, progress: bool = True) -> dict:
+             save_predictions: str | None = None, progress: bool = True, on_image=None,
+             return_matrix: bool = False) -> dict | tuple[dict, ConfusionMatrix]:
     """Run ``segmenter`` over ``dataset`` and score it. Under torchrun each process takes every
-    world_size-th image and the confusion matrices are summed before the metrics are computed."""
+    world_size-th image and the confusion matrices are summed before the metrics are computed.
+
+    ``on_image(sample, prediction)``, if given, sees every image with its (H, W) int64 prediction on
+    the device (e.g. :class:`WorstImages`); ``return_matrix``: also return the summed confusion matrix."""
     from pathlib import Path
 
     from tqdm import tqdm
@@ -199,6 +209,8 @@ def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_image
         for sample, res in zip(samples, results):
             pred = res.labels_tensor()
             cm.update(pred, torch.from_numpy(sample.label))
+            if on_image is not None:
+                on_image(sample, pred)
             if out_dir:
                 save_label_png(pred.cpu().numpy(), out_dir / f"{sample.id}.png")
         bar.update(len(samples))
@@ -206,7 +218,68 @@ def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_image
     cm.all_reduce()
     result = cm.compute(dataset.classes, split)
     result["num_images"] = len(dataset)
-    return result
+    return (result, cm) if return_matrix else result
+
+
+def image_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                 ignore_index: int = IGNORE_INDEX) -> tuple[float, float] | None:
+    """One image's (mIoU, pixel accuracy) in percent: the dataset-level rule applied to one image
+    (mean IoU over the classes in its ground truth or prediction); None when no pixel is labelled."""
+    cm = ConfusionMatrix(num_classes, device=pred.device, ignore_index=ignore_index)
+    cm.update(pred, target)
+    total = cm.matrix.sum()
+    if total == 0:
+        return None
+    return 100 * _nanmean(cm.ious()), 100 * (cm.matrix.diagonal().sum() / total).item()
+
+
+class WorstImages:
+    """An ``on_image`` hook of :func:`evaluate` that keeps the ``k`` images a method does worst on.
+
+    An image's score is its own mIoU: the mean IoU over the classes in its ground truth or its
+    prediction (the dataset-level rule applied to one image); ties go to the earlier image.
+    ``max_side`` bounds the stored pictures (long side, nearest-neighbour for the label maps).
+    """
+
+    def __init__(self, k: int, num_classes: int, max_side: int | None = 512, ignore_index: int = IGNORE_INDEX):
+        self.k, self.num_classes, self.max_side, self.ignore_index = k, num_classes, max_side, ignore_index
+        self.items: list[dict] = []  # sorted worst first
+        self._seen = 0
+
+    def __call__(self, sample, pred: torch.Tensor) -> None:
+        from .visualize import shrink
+
+        order = self._seen
+        self._seen += 1
+        if self.k <= 0:
+            return
+        scores = image_scores(pred, torch.from_numpy(sample.label), self.num_classes, self.ignore_index)
+        if scores is None:  # nothing labelled in this image: nothing to judge
+            return
+        miou, acc = scores
+        if len(self.items) == self.k and (miou, order) >= (self.items[-1]["mIoU"], self.items[-1]["order"]):
+            return
+        image, (label, prediction) = shrink(sample.image, [sample.label, pred.cpu().numpy()], self.max_side)
+        self.items.append({"id": sample.id, "mIoU": miou, "aAcc": acc, "order": order, "image": image,
+                           "label": label, "prediction": prediction})
+        self.items.sort(key=lambda item: (item["mIoU"], item["order"]))
+        del self.items[self.k:]
+
+    def gather(self) -> None:
+        """Under torchrun: every process ends up with the k worst images over all processes."""
+        rank, world = _distributed()
+        if world == 1:
+            return
+        # image k of process r is image r + k * world of the dataset (evaluate's sharding)
+        mine = [dict(item, order=item["order"] * world + rank) for item in self.items]
+        everything = [None] * world
+        torch.distributed.all_gather_object(everything, mine)
+        merged = sorted((item for part in everything for item in part), key=lambda it: (it["mIoU"], it["order"]))
+        self.items = merged[: self.k]
+
+    def summary(self) -> list[dict]:
+        """What goes into the result JSON: id, mIoU and pixel accuracy of each, worst first."""
+        return [{"id": item["id"], "mIoU": item["mIoU"], "aAcc": item["aAcc"]} for item in self.items]
 
 
 def score_predictions(dataset, pred_dir: str, split: ZeroShotSplit | None = None, progress: bool = True) -> dict:

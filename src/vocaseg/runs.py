@@ -50,6 +50,12 @@ def find_run(name: str | os.PathLike) -> Path | None:
     return shipped_runs().get(str(name))
 
 
+def run_inference_defaults(model: str | os.PathLike) -> dict:
+    """A run's own inference defaults (its paper's protocol, e.g. whole image), or {} for a CLIP."""
+    run = find_run(model)
+    return read_run_info(run).get("inference", {}) if run is not None else {}
+
+
 def read_run_info(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:

@@ -51,24 +51,40 @@ def colourise(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return colours[np.clip(labels, 0, 255)]
 
 
-def _font(size: int):
+def text_font(size: int):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has no sized default font
         return ImageFont.load_default()
 
 
+def class_colour(index: int, num_classes: int) -> tuple[int, int, int]:
+    """The colour of class ``index`` in overlays, legends and label PNGs."""
+    return tuple(int(c) for c in _class_colours(num_classes)[index])
+
+
+def tint(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
+    """(H, W, 3) uint8: the image blended with class colours; ignore pixels (255) keep the image."""
+    colours = colourise(labels, num_classes)
+    blend = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
+    blend[labels == IGNORE_INDEX] = image[labels == IGNORE_INDEX]
+    return blend
+
+
+def picture(image: np.ndarray, title: str | None = None) -> Image.Image:
+    """The image alone, laid out as an :func:`overlay` panel (title row, empty legend column)."""
+    return overlay(image, np.full(image.shape[:2], IGNORE_INDEX), [], title=title)
+
+
 def overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], alpha: float = 0.5,
             title: str | None = None) -> Image.Image:
     """The image tinted with class colours, and a legend of the classes present (largest first)."""
-    colours = colourise(labels, len(classes))
-    blend = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
-    blend[labels == IGNORE_INDEX] = image[labels == IGNORE_INDEX]
+    blend = tint(image, labels, len(classes), alpha)
     counts = np.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=len(classes))
     present = [i for i in np.argsort(-counts) if counts[i] > 0]
     h, w = labels.shape
     fsize = max(11, min(18, h // 20))
-    font = _font(fsize)
+    font = text_font(fsize)
     row = fsize + 6
     legend_w = max(140, int(fsize * 0.62 * max([len(classes[i]) for i in present] + [8])) + 70)
     top = row if title else 0
@@ -80,10 +96,23 @@ def overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], alpha
     total = max(1, counts.sum())
     for k, i in enumerate(present):
         y = top + 4 + k * row
-        draw.rectangle([w + 8, y, w + 8 + fsize, y + fsize], fill=tuple(int(c) for c in _class_colours(len(classes))[i]),
-                       outline="black")
+        draw.rectangle([w + 8, y, w + 8 + fsize, y + fsize], fill=class_colour(i, len(classes)), outline="black")
         draw.text((w + 14 + fsize, y - 1), f"{classes[i]} {100 * counts[i] / total:.0f}%", fill="black", font=font)
     return canvas
+
+
+def shrink(image: np.ndarray, label_maps: Sequence[np.ndarray], max_side: int | None):
+    """Downscale an image (bilinear) and label maps of its size (nearest) so the long side is at most
+    ``max_side``; returns (image, [label maps]) unchanged when they already fit."""
+    h, w = image.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return image, list(label_maps)
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    maps = [np.asarray(Image.fromarray(m.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
+            for m in label_maps]
+    return small, maps
 
 
 def side_by_side(panels: Sequence[Image.Image], gap: int = 6) -> Image.Image:

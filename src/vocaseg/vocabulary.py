@@ -108,6 +108,18 @@ class Vocabulary:
         return names, owner
 
 
+def parse_background(text: str | None) -> bool | list[str] | None:
+    """What a background option says: '' -> None (no background class), 'background' -> True (a class
+    'background' scored as that word), 'sky, wall' -> those words, scored as one class 'background'."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.lower() == "background":
+        return True
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    return words or None
+
+
 def resolve_templates(templates: Sequence[str] | str | None) -> tuple[str, ...]:
     if templates is None:
         return DEFAULT_TEMPLATES
