@@ -50,4 +50,4 @@ def get_method(name: str) -> MethodEntry:
     return METHODS[name]
 
 
-from . import maskclip_plus, reclip  # noqa: E402,F401  (register themselves)
+from . import maskclip_plus, reclip, segclip  # noqa: E402,F401  (register themselves)
