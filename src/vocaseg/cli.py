@@ -392,7 +392,7 @@ SEGCLIP_OPTIONS = ("model", "pretrained", "dataset", "data_root", "train_images"
 
 
 def cmd_train_segclip(args) -> int:
-    from .methods.segclip import make_config, train_segclip
+    from .methods.segclip import SegClipRecipe, make_config, train_segclip
 
     overrides = {k: getattr(args, k) for k in SEGCLIP_OPTIONS}
     if args.crop_scale:
@@ -410,9 +410,10 @@ def cmd_train_segclip(args) -> int:
     try:
         preset = _preset_and_command(args, overrides)
         cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
+        recipe = SegClipRecipe(cfg)  # checks the data and the model before anything is written
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from None
-    summary = train_segclip(cfg)
+    summary = train_segclip(cfg, recipe)
     _report_training(summary)
     return 0
 

@@ -942,10 +942,10 @@ def trainer_config(cfg: SegClipConfig) -> TrainerConfig:
         resume=cfg.resume, overwrite=cfg.overwrite, progress=cfg.progress)
 
 
-def train_segclip(cfg: SegClipConfig) -> dict:
+def train_segclip(cfg: SegClipConfig, recipe: SegClipRecipe | None = None) -> dict:
     """Train (or resume) a SegCLIP run into ``cfg.out``; returns the trainer's summary."""
     t0 = time.time()
-    summary = train(SegClipRecipe(cfg), trainer_config(cfg), config_record=asdict(cfg))
+    summary = train(recipe or SegClipRecipe(cfg), trainer_config(cfg), config_record=asdict(cfg))
     summary["wall_seconds"] = round(time.time() - t0, 1)
     return summary
 

@@ -147,7 +147,7 @@ def _as_image(image) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"numpy image must be (H, W, 3), got shape {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        image = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)  # PIL's arrays are read-only
     elif isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"tensor image must be (3, H, W), got shape {tuple(image.shape)}")
