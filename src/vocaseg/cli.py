@@ -68,6 +68,22 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
 
 
+def _add_train_run_args(g, eval_help: str = "held-out split evaluated at the end (recorded, never used to "
+                        "choose weights; default val)", precision_help: str | None = None) -> None:
+    """The options every ``vocaseg train METHOD`` shares: held-out evaluation, seeds, device, resume."""
+    g.add_argument("--eval-split", default=None, help=eval_help)
+    g.add_argument("--eval-images", type=int, default=None, help="images of it (default 100; 0: none)")
+    g.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps (default: end only)")
+    g.add_argument("--synth-seed", type=int, default=None, help="seed of the synthetic world (default 0)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None)
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default=None, help=precision_help)
+    g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0)")
+    g.add_argument("--checkpoint-every", type=int, default=None)
+    g.add_argument("--resume", action="store_const", const=True, default=None, help="continue OUT/state.pt exactly")
+    g.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a run in OUT")
+
+
 def _inference_options(args, base: dict | None = None) -> dict:
     opts = dict(base or {})
     for key in ("mode", "short_side", "window", "stride", "logit_scale", "prob_threshold", "area_threshold",
@@ -642,20 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=None)
     g.add_argument("--self-training-from", type=int, default=None, metavar="STEP",
                    help="first self-training step (0: never; default: the preset's, else never)")
-    g = t.add_argument_group("run")
-    g.add_argument("--eval-split", default=None, help="held-out split evaluated at the end (recorded, never used "
-                   "to choose weights; default val)")
-    g.add_argument("--eval-images", type=int, default=None, help="images of it (default 100; 0: none)")
-    g.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps (default: end only)")
-    g.add_argument("--synth-seed", type=int, default=None, help="seed of the synthetic world (default 0)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", default=None)
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default=None,
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fp64 only for numerical checks")
-    g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0)")
-    g.add_argument("--checkpoint-every", type=int, default=None)
-    g.add_argument("--resume", action="store_const", const=True, default=None, help="continue OUT/state.pt exactly")
-    g.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a run in OUT")
+    _add_train_run_args(t.add_argument_group("run"),
+                        precision_help="auto: bf16 autocast on CUDA, fp32 on CPU; fp64 only for numerical checks")
     t.set_defaults(func=cmd_train_maskclip_plus)
 
     t = tsub.add_parser(
@@ -725,18 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--eval-split", default=None, help="held-out split evaluated at the end (recorded, never used "
-                   "to choose weights; default val)")
-    g.add_argument("--eval-images", type=int, default=None, help="images of it (default 100; 0: none)")
-    g.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps (default: end only)")
-    g.add_argument("--synth-seed", type=int, default=None, help="seed of the synthetic world (default 0)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", default=None)
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default=None)
-    g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0)")
-    g.add_argument("--checkpoint-every", type=int, default=None)
-    g.add_argument("--resume", action="store_const", const=True, default=None, help="continue OUT/state.pt exactly")
-    g.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a run in OUT")
+    _add_train_run_args(g)
     t.set_defaults(func=cmd_train_reclip)
 
     t = tsub.add_parser(
@@ -832,20 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW decoupled decay (default 0.05)")
     g.add_argument("--warmup", type=float, default=None, help="share of the steps with a linear warm-up (0.15)")
     g.add_argument("--eval-dataset", default=None, help="held-out dataset evaluated at the end, recorded only "
-                   "(default synth; 'none' to skip)")
+                   "(default synth; 'none' to skip; e.g. voc21 with --eval-data-root)")
     g.add_argument("--eval-data-root", default=None)
-    g.add_argument("--eval-split", default=None, help="default val")
-    g.add_argument("--eval-images", type=int, default=None, help="images of it (default 100; 0: none)")
-    g.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps (default: end only)")
-    g.add_argument("--synth-seed", type=int, default=None, help="seed of the synthetic world (default 0)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", default=None)
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default=None,
-                   help="fp32 (default, as the official), bf16 autocast, auto (bf16 on CUDA)")
-    g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0)")
-    g.add_argument("--checkpoint-every", type=int, default=None)
-    g.add_argument("--resume", action="store_const", const=True, default=None, help="continue OUT/state.pt exactly")
-    g.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a run in OUT")
+    _add_train_run_args(g, eval_help="its split (default val)",
+                        precision_help="fp32 (default, as the official), bf16 autocast, auto (bf16 on CUDA)")
     t.set_defaults(func=cmd_train_segclip)
 
     p = sub.add_parser("convert", help="turn a released checkpoint into a run folder")

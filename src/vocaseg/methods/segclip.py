@@ -48,7 +48,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,7 @@ from ..training.augment import eval_resize, random_resized_crop
 from ..training.loop import Recipe, TrainerConfig, distributed_context, item_seed, train, unwrap
 from ..training.stream import EpochOrder
 from ..vocabulary import Vocabulary, default_cache_dir
-from . import register_method
+from . import config_from, register_method
 from .reclip import hard_gumbel_softmax, text_tower
 
 LOSSES = ("contrastive", "reconstruction", "superpixel")
@@ -771,18 +771,7 @@ PRESET_INFERENCE = {"synth": dict(mode="whole", short_side=96),
 
 def make_config(preset: str | None = None, **overrides) -> SegClipConfig:
     """Defaults <- the preset's values <- ``overrides`` (None values are skipped)."""
-    values = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown SegCLIP preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        values.update(PRESETS[preset])
-        values["preset"] = preset
-    known = {f.name for f in fields(SegClipConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise TypeError(f"unknown SegCLIP option(s): {', '.join(sorted(unknown))}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return SegClipConfig(**values)
+    return config_from(SegClipConfig, PRESETS, preset, overrides, "SegCLIP")
 
 
 def arch_of(cfg: SegClipConfig, full_clip: bool = False) -> SegClipArch:
