@@ -461,6 +461,12 @@ def test_stream_items_depend_on_their_index_only(tmp_path, tokenizer):
     assert pixels.shape == (3, 32, 32) and tokens.shape == (16,) and labels.shape == (16,)
     assert len(list((tmp_path / "sp").rglob("*.npy"))) == 1  # superpixels computed once per image, cached
     assert not torch.equal(stream[6][0], pixels)
+    from vocaseg.methods.segclip import TrainingNoise
+
+    stream.noise = TrainingNoise(centres=4, patches=16, visible=3)
+    gumbel, keep, masked = stream[5][3:]
+    assert gumbel.shape == (4, 16) and masked.shape == (4, 3) and keep.tolist() == sorted(set(keep.tolist()))
+    assert all(torch.equal(x, y) for x, y in zip(stream[5], stream[5]))  # the item's own draws
 
 
 def test_random_resized_crop_keeps_image_and_map_aligned():
@@ -564,6 +570,43 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert main(["train", "segclip", "--out", str(killed), "--resume"]) == 0
     a, b = load_file(str(tmp_path / "straight" / "weights.safetensors")), load_file(str(killed / "weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # about 20 s: two torchrun processes
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_process_torchrun_matches_one_process(tmp_path):
+    """Global batch 4, on one process or two taking 2 pairs each: the contrastive loss sees every caption
+    of the global batch (gathered), and every random draw (crop, mask, Gumbel noise) belongs to its
+    item, so the two runs agree (float64, to 1e-9) after 3 steps."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["train", "segclip", "--model", str(tiny_model_dir(tmp_path / "m")), *TINY, "--steps", "3",
+            "--batch-size", "4", "--precision", "fp64"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "vocaseg.cli", *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = load_file(str(tmp_path / "one" / "weights.safetensors")), load_file(str(tmp_path / "two" / "weights.safetensors"))
+    assert one.keys() == two.keys() and one["tower.group.centres"].dtype == torch.float64
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-9, rtol=0, msg=k)
+    assert (one["tower.group.centres"] - _untrained_centres(tmp_path)).abs().max() > 1e-4  # it did train
+
+
+def _untrained_centres(tmp_path):
+    from vocaseg.methods.segclip import SegClipRecipe
+
+    cfg = make_config(None, out=str(tmp_path / "u"), model=str(tmp_path / "m"), pretrained="none", group_after=2,
+                      decoder_width=16, decoder_heads=2)
+    recipe = SegClipRecipe(cfg)
+    torch.manual_seed(cfg.seed)  # as the trainer, before build
+    return recipe.build().model.tower.group.centres.detach().double()
 
 
 @pytest.mark.parametrize("flags", [["--losses", "contrastive"], ["--losses", "contrastive,superpixel",

@@ -169,7 +169,9 @@ class SemanticGroup(nn.Module):
     def num_centres(self) -> int:
         return self.centres.shape[0]
 
-    def forward(self, patches: torch.Tensor) -> Grouping:
+    def forward(self, patches: torch.Tensor, gumbel: torch.Tensor | None = None) -> Grouping:
+        """patches (B, N, D); ``gumbel``: the training noise (B, L, N), standard Gumbel (None: drawn
+        from the global RNG)."""
         b = patches.shape[0]
         normed = self.norm_in(patches)
         centres = self.centres.to(patches.dtype).expand(b, -1, -1)
@@ -180,7 +182,9 @@ class SemanticGroup(nn.Module):
         values = self.value_proj(normed.transpose(1, 2)).transpose(1, 2)
         logits = torch.einsum("bld,bnd->bln", centres, keys)  # no 1/sqrt(D), as the official module
         if self.training:  # hard Gumbel-softmax over the centres: softmax((A + g) / tau), straight-through
-            gumbel = -torch.empty_like(logits).exponential_().log()
+            if gumbel is None:
+                gumbel = -torch.empty_like(logits).exponential_().log()
+            gumbel = gumbel.to(logits.dtype)
             assignment = hard_gumbel_softmax(logits, 1.0 / self.tau, noise=gumbel / self.tau, dim=1)
         else:
             assignment = F.one_hot(logits.argmax(1), self.num_centres).transpose(1, 2).to(logits.dtype)
@@ -468,9 +472,10 @@ class ReconstructionBranch(nn.Module):
         init_new_weights(self.reconstruct)
         self.batch_first = tower.batch_first
 
-    def forward(self, tower: GroupedViT, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, tower: GroupedViT, patches: torch.Tensor, keep: torch.Tensor,
+                gumbel: torch.Tensor | None = None) -> torch.Tensor:
         visible = torch.gather(patches, 1, keep[..., None].expand(-1, -1, patches.shape[-1]))
-        grouping = tower.group(tower.encode_patches(visible))
+        grouping = tower.group(tower.encode_patches(visible), gumbel)
         x = self.act(self.reconstruct(grouping.assignment.transpose(1, 2)) @ grouping.regions)
         for block in self.blocks:
             x = run_block(block, x, self.batch_first)
@@ -483,9 +488,24 @@ def visible_count(patches: int, mask_ratio: float) -> int:
     return max(1, int((patches + 1) * (1 - mask_ratio)) - 1)
 
 
-def random_keep(batch: int, patches: int, keep: int, device) -> torch.Tensor:
-    """Per image, ``keep`` patch indices drawn without replacement (sorted), from the global RNG."""
-    return torch.rand(batch, patches, device=device).argsort(dim=1)[:, :keep].sort(dim=1).values
+@dataclass(frozen=True)
+class TrainingNoise:
+    """The shapes of an item's random draws for the model: Gumbel noise of the full view (L, N) and, with
+    the reconstruction, the kept patches (V,) and the masked view's Gumbel noise (L, V)."""
+
+    centres: int
+    patches: int
+    visible: int = 0  # 0: no masked view
+
+    def draw(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def gumbel(n):
+            return -torch.empty(self.centres, n).exponential_(generator=g).log()
+
+        full = gumbel(self.patches)
+        if not self.visible:
+            return full, torch.zeros(0, dtype=torch.long), torch.zeros(self.centres, 0)
+        keep = torch.rand(self.patches, generator=g).argsort()[:self.visible].sort().values
+        return full, keep, gumbel(self.visible)
 
 
 def masked_patch_mse(prediction: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -591,23 +611,26 @@ class Felzenszwalb:
 
 # ---------------------------------------------------------------------------- training data
 class ImageTextStream(torch.utils.data.Dataset):
-    """Item i -> (pixels (3, S, S) normalised, caption tokens (T,), superpixel label per patch (N,) or (0,)).
+    """Item i -> (pixels (3, S, S) normalised, caption tokens (T,), superpixel label per patch (N,) or (0,)),
+    and with ``noise`` the item's Gumbel noise and masked view (``TrainingNoise.draw``).
 
     The pair is ``pairs[i % n]`` (``shuffle``: ``order[i % n]`` of a per-epoch permutation), its image
     first resized so the short side is ``stored_side`` (the official stores images that way; superpixels
     are computed there, cached per image for file datasets), then a random resized crop of the image and
-    its superpixel map together, drawn from a generator seeded by (seed, i): item i depends on i alone."""
+    its superpixel map together, drawn from a generator seeded by (seed, i): item i depends on i alone.
+    So does its noise: a run gives the same result with any number of processes or batch composition."""
 
     def __init__(self, pairs, tokenizer, mean, std, size: int, patch: int, seed: int, *,
                  crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), max_words: int | None = 32,
                  stored_side: int | None = None, superpixels: Felzenszwalb | None = None,
-                 patch_rule: str = "floor_mean", shuffle: bool = True):
+                 patch_rule: str = "floor_mean", shuffle: bool = True, noise: TrainingNoise | None = None):
         self.pairs, self.tokenizer, self.size, self.patch, self.seed = pairs, tokenizer, size, patch, seed
         self.crop_scale, self.crop_ratio, self.max_words = tuple(crop_scale), tuple(crop_ratio), max_words
         self.stored_side, self.superpixels, self.patch_rule = stored_side, superpixels, patch_rule
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.order = EpochOrder(len(pairs), seed) if shuffle else None
+        self.noise = noise
 
     def __len__(self) -> int:
         return 1 << 40
@@ -624,7 +647,10 @@ class ImageTextStream(torch.utils.data.Dataset):
         pixels, mask = random_resized_crop(image, mask, self.size, self.crop_scale, self.crop_ratio, generator=g)
         labels = patch_labels(mask, self.patch, self.patch_rule) if mask is not None else torch.zeros(0, dtype=torch.long)
         tokens = caption_tokens(self.tokenizer, caption, self.max_words)
-        return (pixels - self.mean) / self.std, tokens, labels
+        item = ((pixels - self.mean) / self.std, tokens, labels)
+        if self.noise is None:
+            return item
+        return item + self.noise.draw(torch.Generator().manual_seed(item_seed(self.seed, "noise", i)))
 
 
 # ---------------------------------------------------------------------------- what the trainer optimises
@@ -646,15 +672,16 @@ class SegClipTraining(nn.Module):
         super().__init__()
         self.model, self.reconstruction = model, reconstruction
 
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> TrainingOutput:
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None,
+                gumbel: torch.Tensor | None = None, gumbel_masked: torch.Tensor | None = None) -> TrainingOutput:
         tower = self.model.tower
         patches, _ = tower.patches(pixels)
-        grouping = tower.group(tower.encode_patches(patches))
+        grouping = tower.group(tower.encode_patches(patches), gumbel)
         image = F.normalize(tower.head(grouping.regions)[:, 0], dim=-1)
         text = F.normalize(self.model.text(tokens), dim=-1)
         prediction = target = None
         if self.reconstruction is not None and keep is not None:
-            prediction = self.reconstruction(tower, patches, keep)
+            prediction = self.reconstruction(tower, patches, keep, gumbel_masked)
             target = patchify(pixels, tower.patch_size)
         return TrainingOutput(image, text, self.model.contrast_scale(), grouping.assignment, prediction, target)
 
@@ -826,7 +853,9 @@ class SegClipRecipe(Recipe):
         rank, world = distributed_context()
         # under torchrun every process scores its images against the captions of the whole global batch
         self.loss_fn = ClipLoss(gather_with_grad=world > 1, rank=rank, world_size=world)
-        self.visible = visible_count((self.image_size // self.patch) ** 2, cfg.mask_ratio)
+        patches = (self.image_size // self.patch) ** 2
+        visible = visible_count(patches, cfg.mask_ratio) if reconstruction is not None else 0
+        self.noise = TrainingNoise(cfg.centres, patches, visible)
         return module
 
     def param_groups(self, module):
@@ -861,15 +890,13 @@ class SegClipRecipe(Recipe):
         return ImageTextStream(self.pairs, self.loaded.tokenizer, self.loaded.mean, self.loaded.std, self.image_size,
                                self.patch, cfg.seed, crop_scale=cfg.crop_scale, max_words=cfg.max_words,
                                stored_side=cfg.stored_side or self.image_size, superpixels=superpixels,
-                               patch_rule=cfg.patch_labels, shuffle=cfg.dataset != "synth")
+                               patch_rule=cfg.patch_labels, shuffle=cfg.dataset != "synth", noise=self.noise)
 
     def training_step(self, module, batch, step):
-        pixels, tokens, labels = batch
+        pixels, tokens, labels, gumbel, keep, gumbel_masked = batch
         use = self.cfg.loss_names
-        keep = None
-        if "reconstruction" in use:
-            keep = random_keep(len(pixels), (self.image_size // self.patch) ** 2, self.visible, pixels.device)
-        out = module(pixels, tokens, keep)
+        keep = keep if "reconstruction" in use else None
+        out = module(pixels, tokens, keep, gumbel, gumbel_masked)
         parts = {"contrastive": self.loss_fn(out.image, out.text, out.scale)}
         if "reconstruction" in use:
             parts["reconstruction"] = masked_patch_mse(out.prediction, out.target, keep)
