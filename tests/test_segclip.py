@@ -641,3 +641,20 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert "--dataset webdataset" in error_of(base + ["--dataset", "csv", "--data-root", str(tmp_path)])
     assert "group-after 9" in error_of(base + ["--group-after", "9"])
     assert "nothing to resume" in error_of(base + ["--resume"])
+
+
+@pytest.mark.slow  # ViT-B/16 with random weights, one step
+def test_paper_preset_runs_on_a_csv_of_pairs(tmp_path):
+    _write_pairs(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["train", "segclip", "--preset", "cc3m_coco", "--data-root", str(tmp_path / "data" / "pairs.csv"),
+                 "--pretrained", "none", "--steps", "1", "--batch-size", "2", "--out", str(out)]) == 0
+    info = json.loads((out / "method.json").read_text())
+    config = info["config"]
+    assert info["clip"]["model"] == "ViT-B-16" and info["model"]["group_after"] == 10
+    assert (config["lr"], config["clip_lr"], config["decoder_width"], config["stored_side"]) == (4e-3, 4e-6, 384, 224)
+    assert info["inference"] == {"mode": "slide", "short_side": 224, "window": 224, "stride": 224}
+    from vocaseg import Segmenter
+
+    seg = Segmenter.from_pretrained(str(out))
+    assert seg.predict(np.zeros((40, 50, 3), np.uint8), ["cat", "road"]).labels.shape == (40, 50)
