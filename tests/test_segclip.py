@@ -528,6 +528,17 @@ def test_run_folder_holds_the_trained_parts_only_and_loads(toy_run):
     assert res.labels.shape == (40, 50)
 
 
+def test_run_replaces_a_benchmark_protocols_thresholds(toy_run):
+    """VOC21's SCLIP protocol thresholds softmax probabilities (0.1) and class areas; SegCLIP's products of
+    softmaxes would be misread by them, so its run's own rule (the background threshold) replaces them."""
+    from vocaseg.cli import _run_inference_defaults
+    from vocaseg.data.datasets import _sclip
+
+    protocol = _sclip(336, 65.0, prob_threshold=0.1, area_threshold=0.1)  # voc21's
+    merged = {**protocol, **_run_inference_defaults(str(toy_run))}  # what `vocaseg eval` does
+    assert merged["prob_threshold"] is None and merged["area_threshold"] is None
+
+
 def test_run_through_eval_and_its_recorded_score(toy_run, tmp_path):
     out = tmp_path / "eval.json"
     assert main(["eval", "--dataset", "synth", "--model", str(toy_run), "--limit", "8", "--workers", "0",
@@ -653,7 +664,8 @@ def test_paper_preset_runs_on_a_csv_of_pairs(tmp_path):
     config = info["config"]
     assert info["clip"]["model"] == "ViT-B-16" and info["model"]["group_after"] == 10
     assert (config["lr"], config["clip_lr"], config["decoder_width"], config["stored_side"]) == (4e-3, 4e-6, 384, 224)
-    assert info["inference"] == {"mode": "slide", "short_side": 224, "window": 224, "stride": 224}
+    assert info["inference"] == {"mode": "slide", "short_side": 224, "window": 224, "stride": 224,
+                                 "prob_threshold": None, "area_threshold": None}
     from vocaseg import Segmenter
 
     seg = Segmenter.from_pretrained(str(out))

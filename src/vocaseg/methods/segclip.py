@@ -508,10 +508,15 @@ class TrainingNoise:
         return full, keep, gumbel(self.visible)
 
 
+def _full_precision(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors (losses under autocast), anything wider as it is."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def masked_patch_mse(prediction: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per-patch mean squared error, averaged over the dropped patches only (the target is the network's
     normalised input, not normalised per patch, as the official code)."""
-    per_patch = (prediction.float() - target.float()).pow(2).mean(-1)
+    per_patch = (_full_precision(prediction) - _full_precision(target)).pow(2).mean(-1)
     dropped = torch.ones_like(per_patch).scatter_(1, keep, 0.0)
     return (per_patch * dropped).sum() / dropped.sum().clamp_min(1.0)
 
@@ -538,7 +543,7 @@ def superpixel_kl(assignment: torch.Tensor, labels: torch.Tensor, form: str = "c
     (sum KL(P||P^) + KL(P^||P)) / (2 B N)."""
     if form not in KL_FORMS:
         raise ValueError(f"kl form must be one of {KL_FORMS}, not {form!r}")
-    a = assignment.float()
+    a = _full_precision(assignment)
     log_p = a.log_softmax(-1)
     if form == "code":
         log_q = _group_mean(a, labels).log_softmax(-1)
@@ -791,9 +796,12 @@ PRESETS: dict[str, dict] = {
                       eval_dataset=None, checkpoint_every=1000),
 }
 # How each preset's result is evaluated: the official sliding 224 windows at stride 224 on images
-# whose short side is 224; the toy scenes whole at 96 px.
-PRESET_INFERENCE = {"synth": dict(mode="whole", short_side=96),
-                    "cc3m_coco": dict(mode="slide", short_side=224, window=224, stride=224)}
+# whose short side is 224; the toy scenes whole at 96 px. SegCLIP's own background rule replaces a
+# benchmark protocol's probability and area thresholds (SCLIP's, for VOC21 / Context60 / COCO-Object):
+# its scores are products of probabilities, which a softmax threshold would misread.
+_OWN_BACKGROUND = dict(prob_threshold=None, area_threshold=None)
+PRESET_INFERENCE = {"synth": dict(mode="whole", short_side=96, **_OWN_BACKGROUND),
+                    "cc3m_coco": dict(mode="slide", short_side=224, window=224, stride=224, **_OWN_BACKGROUND)}
 
 
 def make_config(preset: str | None = None, **overrides) -> SegClipConfig:
@@ -913,7 +921,8 @@ class SegClipRecipe(Recipe):
 
     def inference_options(self) -> dict:
         cfg = self.cfg
-        return dict(PRESET_INFERENCE.get(cfg.preset or "", {"mode": "whole", "short_side": self.image_size}))
+        return dict(PRESET_INFERENCE.get(cfg.preset or "", {"mode": "whole", "short_side": self.image_size,
+                                                            **_OWN_BACKGROUND}))
 
     def evaluate(self, module):
         cfg = self.cfg
