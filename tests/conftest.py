@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import time
@@ -72,3 +73,13 @@ def sigkill_after_step(argv: list[str], out: Path, step: int = 2, timeout: float
     proc.kill()
     proc.wait()
     return saved_step(out)
+
+
+def torchrun_cli(argv: list[str], out: Path, processes: int = 2, timeout: float = 600) -> None:
+    """Run ``vocaseg *argv --out out`` under ``torchrun`` with ``processes`` CPU processes; fails the test
+    with the end of their stderr when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+           "-m", "vocaseg.cli", *argv, "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]

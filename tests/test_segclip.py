@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import sigkill_after_step, tiny_clip
+from conftest import sigkill_after_step, tiny_clip, torchrun_cli
 from vocaseg.cli import main
 from vocaseg.dense import Classifier
 from vocaseg.methods.segclip import (Felzenszwalb, GroupedViT, ReconstructionBranch, SegClipArch, SegClipModel,
@@ -589,20 +589,12 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     """Global batch 4, on one process or two taking 2 pairs each: the contrastive loss sees every caption
     of the global batch (gathered), and every random draw (crop, mask, Gumbel noise) belongs to its
     item, so the two runs agree (float64, to 1e-9) after 3 steps."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
     args = ["train", "segclip", "--model", str(tiny_model_dir(tmp_path / "m")), *TINY, "--steps", "3",
             "--batch-size", "4", "--precision", "fp64"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "vocaseg.cli", *args, "--out", str(tmp_path / "two")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_cli(args, tmp_path / "two")
     one, two = load_file(str(tmp_path / "one" / "weights.safetensors")), load_file(str(tmp_path / "two" / "weights.safetensors"))
     assert one.keys() == two.keys() and one["tower.group.centres"].dtype == torch.float64
     for k in one:
