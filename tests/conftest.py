@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import open_clip
@@ -48,3 +52,34 @@ def shared_data():
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VOCASEG_CACHE", str(tmp_path / "cache"))
+
+
+def saved_step(run: Path) -> int:
+    """The step of the run's state.pt (0 while none is written)."""
+    try:
+        return torch.load(run / "state.pt", map_location="cpu", weights_only=False)["step"]
+    except Exception:  # not written yet, or being replaced
+        return 0
+
+
+def sigkill_after_step(argv: list[str], out: Path, step: int = 2, timeout: float = 300) -> int:
+    """Run ``vocaseg *argv --out out`` in a subprocess and SIGKILL it once its checkpoint holds ``step``
+    or more; returns the step the checkpoint holds then."""
+    proc = subprocess.Popen([sys.executable, "-m", "vocaseg.cli", *argv, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while saved_step(out) < step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    return saved_step(out)
+
+
+def torchrun_cli(argv: list[str], out: Path, processes: int = 2, timeout: float = 600) -> None:
+    """Run ``vocaseg *argv --out out`` under ``torchrun`` with ``processes`` CPU processes; fails the test
+    with the end of their stderr when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+           "-m", "vocaseg.cli", *argv, "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]

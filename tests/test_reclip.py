@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_clip
+from conftest import sigkill_after_step, tiny_clip
 from vocaseg.cli import main
 from vocaseg.dense import Classifier
 from vocaseg.methods.reclip import (PRESETS, PositionBias, ReclipRectified, ReferencePrompt, _ClipSide,
@@ -229,10 +229,6 @@ def test_distill_gradients_flow_through_all_three_losses(rect_run, tmp_path):
 
 @pytest.mark.parametrize("stage", ["rect", "distill"])
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(stage, rect_run, tmp_path):
-    import subprocess
-    import sys
-    import time
-
     from safetensors.torch import load_file
 
     args = ["train", "reclip", "--pretrained", "none", "--templates", "plain", "--train-images", "12",
@@ -242,21 +238,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(stage, rect_run, tm
         args += ["--rect-run", str(rect_run)]
     assert main(args + ["--out", str(tmp_path / "straight")]) == 0
     killed = tmp_path / "killed"
-
-    def saved_step():
-        try:
-            return torch.load(killed / "state.pt", map_location="cpu", weights_only=False)["step"]
-        except Exception:  # not written yet
-            return 0
-
-    proc = subprocess.Popen([sys.executable, "-m", "vocaseg.cli", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while saved_step() < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    assert 2 <= saved_step() < 6 and not (killed / "weights.safetensors").exists()
+    assert 2 <= sigkill_after_step(args, killed) < 6 and not (killed / "weights.safetensors").exists()
     assert main(["train", "reclip", "--out", str(killed), "--resume"]) == 0
     a, b = load_file(str(tmp_path / "straight" / "weights.safetensors")), load_file(str(killed / "weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

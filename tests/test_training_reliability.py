@@ -1,6 +1,5 @@
 """The shared trainer under a hard kill and under torchrun, through the `vocaseg train` command."""
 
-import os
 import random
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import torchrun_cli
 from vocaseg.cli import main
 
 TINY = ["train", "maskclip-plus", "--preset", "synth", "--batch-size", "4", "--crop", "64", "--eval-images", "0",
@@ -81,11 +81,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     processes do, shows up as ~1e-3 differences in the weights after 3 float32 steps."""
     args = TINY + ["--steps", "3", "--checkpoint-every", "10", "--precision", "fp64"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "vocaseg.cli", *args, "--out", str(tmp_path / "two")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_cli(args, tmp_path / "two")
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert one["student.head.branches.0.0.weight"].dtype == torch.float64
     _assert_same(one, two, atol=1e-9)

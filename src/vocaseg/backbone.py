@@ -65,6 +65,22 @@ def input_size(visual: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def vit_embed(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """An open_clip ViT's input tokens after ``ln_pre``, batch first: the patch tokens (B, h*w, C), the
+    class token (B, 1, C) and the patch grid (h, w); the positional embedding is resized to the grid."""
+    x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
+    grid = (x.shape[-2], x.shape[-1])
+    pos = _interpolate_grid_embedding(visual.positional_embedding, grid)
+    x = visual.ln_pre(x.flatten(2).transpose(1, 2) + pos[1:].to(x.dtype))
+    cls = visual.ln_pre((visual.class_embedding + pos[0]).to(x.dtype)).expand(x.shape[0], 1, -1)
+    return x, cls, grid
+
+
+def run_block(block: nn.Module, x: torch.Tensor, batch_first: bool = True) -> torch.Tensor:
+    """One residual block on batch-first tokens, whichever layout the tower's blocks expect."""
+    return block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+
+
 def vit_tokens(visual: nn.Module, pixels: torch.Tensor, stop: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """An open_clip ViT's tokens entering block ``stop`` (the tower's output for ``stop`` = its depth), batch first.
 
@@ -72,17 +88,13 @@ def vit_tokens(visual: nn.Module, pixels: torch.Tensor, stop: int) -> tuple[torc
     vocaseg's ``LateClassTokenViT`` (towers.py), whose forward is this function plus the pooling.
     Returns the tokens, class token first once it has joined, and the patch grid (h, w).
     """
-    x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
-    grid = (x.shape[-2], x.shape[-1])
-    pos = _interpolate_grid_embedding(visual.positional_embedding, grid)
-    x = visual.ln_pre(x.flatten(2).transpose(1, 2) + pos[1:].to(x.dtype))
-    cls = visual.ln_pre((visual.class_embedding + pos[0]).to(x.dtype)).expand(x.shape[0], 1, -1)
+    x, cls, grid = vit_embed(visual, pixels)
     joins = getattr(visual, "class_token_block", 0)
     batch_first = getattr(visual.transformer, "batch_first", True)
     for i, block in enumerate(visual.transformer.resblocks[:stop]):
         if i == joins:
             x = torch.cat([cls, x], dim=1)
-        x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+        x = run_block(block, x, batch_first)
     if joins == stop:
         x = torch.cat([cls, x], dim=1)
     return x, grid

@@ -6,6 +6,7 @@
   vocaseg score --dataset ade150 --data-root data/ade --pred-dir preds/ --out ade.json
   vocaseg train clip --out runs/toy
   vocaseg train maskclip-plus --preset synth --out runs/mcp
+  vocaseg train segclip --preset synth --out runs/segclip
   vocaseg list                                  # models, methods, shipped runs, datasets, presets
   vocaseg eval --dataset synth --model toy --report report/   # + an HTML report
   vocaseg gallery --out docs/                   # every method on the same synth scenes, one picture
@@ -68,6 +69,22 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16")
     g.add_argument("--area-threshold", type=float, default=None, help="drop classes covering less than this share")
     g.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+
+
+def _add_train_run_args(g, eval_help: str = "held-out split evaluated at the end (recorded, never used to "
+                        "choose weights; default val)", precision_help: str | None = None) -> None:
+    """The options every ``vocaseg train METHOD`` shares: held-out evaluation, seeds, device, resume."""
+    g.add_argument("--eval-split", default=None, help=eval_help)
+    g.add_argument("--eval-images", type=int, default=None, help="images of it (default 100; 0: none)")
+    g.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps (default: end only)")
+    g.add_argument("--synth-seed", type=int, default=None, help="seed of the synthetic world (default 0)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None)
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default=None, help=precision_help)
+    g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0)")
+    g.add_argument("--checkpoint-every", type=int, default=None)
+    g.add_argument("--resume", action="store_const", const=True, default=None, help="continue OUT/state.pt exactly")
+    g.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a run in OUT")
 
 
 def _inference_options(args, base: dict | None = None) -> dict:
@@ -391,6 +408,55 @@ def cmd_train_reclip(args) -> int:
     return 0
 
 
+SEGCLIP_OPTIONS = ("model", "pretrained", "dataset", "data_root", "train_images", "twins", "max_words", "losses",
+                   "group_after", "centres", "cross_attention_blocks", "gumbel_tau", "official_batch_mixing",
+                   "mask_ratio", "decoder_width", "decoder_depth", "decoder_heads", "kl_form", "patch_labels",
+                   "superpixel_scale", "superpixel_sigma", "superpixel_min_size", "stored_side", "steps",
+                   "batch_size", "lr", "clip_lr", "weight_decay", "warmup", "templates", "gate_top_k",
+                   "background_thresholds", "eval_dataset", "eval_data_root", "eval_split", "eval_images",
+                   "eval_every", "synth_seed", "precision", "seed", "workers", "checkpoint_every", "resume",
+                   "overwrite")
+
+
+def cmd_train_segclip(args) -> int:
+    from .methods.segclip import SegClipRecipe, make_config, train_segclip
+
+    overrides = {k: getattr(args, k) for k in SEGCLIP_OPTIONS}
+    if args.crop_scale:
+        try:
+            overrides["crop_scale"] = tuple(float(v) for v in args.crop_scale.split(","))
+        except ValueError:
+            raise UserError(f"--crop-scale takes two numbers, e.g. 0.5,1; not {args.crop_scale!r}") from None
+    if args.resume:  # a resumed run continues with the configuration it was started with
+        overrides = _resumed_config(Path(args.out), overrides, RESUME_CHANGEABLE)
+    elif args.preset is None and args.dataset in (None, "synth"):
+        args.preset = "synth"  # the synthetic world trains with the toy recipe's measured values
+    _normalise_none(overrides, ("pretrained", "eval_dataset"))
+    if overrides.get("eval_dataset") == "none":
+        overrides["eval_images"] = 0
+    try:
+        preset = _preset_and_command(args, overrides)
+        cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
+        recipe = SegClipRecipe(cfg)  # checks the data and the model before anything is written
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err)) from None
+    summary = train_segclip(cfg, recipe)
+    _report_training(summary)
+    return 0
+
+
+def cmd_convert_segclip(args) -> int:
+    from .methods.segclip import convert_official
+
+    try:
+        out = convert_official(args.checkpoint, args.out, model=args.model,
+                               background_thresholds=args.background_thresholds, overwrite=args.overwrite)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(f"run folder: {out} (the released SegCLIP; load with --model {out})")
+    return 0
+
+
 def cmd_list(args) -> int:
     import open_clip
 
@@ -400,6 +466,7 @@ def cmd_list(args) -> int:
     from .methods import METHODS
     from .methods.maskclip_plus import PRESETS
     from .methods.reclip import PRESETS as RECLIP_PRESETS
+    from .methods.segclip import PRESETS as SEGCLIP_PRESETS
     from .runs import read_run_info, shipped_runs
     from .students import list_students
 
@@ -429,6 +496,7 @@ def cmd_list(args) -> int:
     print(f"students: {', '.join(list_students())}")
     print(f"maskclip-plus presets: {', '.join(PRESETS)}")
     print(f"reclip presets (--stage rect | distill): {', '.join(RECLIP_PRESETS)}")
+    print(f"segclip presets: {', '.join(SEGCLIP_PRESETS)}")
     return 0
 
 
@@ -638,20 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=None)
     g.add_argument("--self-training-from", type=int, default=None, metavar="STEP",
                    help="first self-training step (0: never; default: the preset's, else never)")
-    g = t.add_argument_group("run")
-    g.add_argument("--eval-split", default=None, help="held-out split evaluated at the end (recorded, never used "
-                   "to choose weights; default val)")
-    g.add_argument("--eval-images", type=int, default=None, help="images of it (default 100; 0: none)")
-    g.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps (default: end only)")
-    g.add_argument("--synth-seed", type=int, default=None, help="seed of the synthetic world (default 0)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", default=None)
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default=None,
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fp64 only for numerical checks")
-    g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0)")
-    g.add_argument("--checkpoint-every", type=int, default=None)
-    g.add_argument("--resume", action="store_const", const=True, default=None, help="continue OUT/state.pt exactly")
-    g.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a run in OUT")
+    _add_train_run_args(t.add_argument_group("run"),
+                        precision_help="auto: bf16 autocast on CUDA, fp32 on CPU; fp64 only for numerical checks")
     t.set_defaults(func=cmd_train_maskclip_plus)
 
     t = tsub.add_parser(
@@ -721,19 +777,124 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--eval-split", default=None, help="held-out split evaluated at the end (recorded, never used "
-                   "to choose weights; default val)")
-    g.add_argument("--eval-images", type=int, default=None, help="images of it (default 100; 0: none)")
-    g.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps (default: end only)")
-    g.add_argument("--synth-seed", type=int, default=None, help="seed of the synthetic world (default 0)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", default=None)
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default=None)
-    g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0)")
-    g.add_argument("--checkpoint-every", type=int, default=None)
-    g.add_argument("--resume", action="store_const", const=True, default=None, help="continue OUT/state.pt exactly")
-    g.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a run in OUT")
+    _add_train_run_args(g)
     t.set_defaults(func=cmd_train_reclip)
+
+    t = tsub.add_parser(
+        "segclip", help="SegCLIP: fine-tune a CLIP ViT on image-caption pairs with learnable centres that group "
+        "patches into regions", formatter_class=fmt,
+        description="Train SegCLIP (Luo et al., ICML 2023), annotation-free: only images and their captions are "
+        "read. A semantic group module (learnable centres, cross-attention, hard Gumbel assignment of patches "
+        "to centres) is inserted after block --group-after of the image tower; the later blocks run on the "
+        "region tokens. Losses: CLIP's contrastive loss on the max-pooled regions, a masked reconstruction "
+        "routed through the regions, and a KL that keeps each Felzenszwalb superpixel on one centre. At "
+        "inference each region is scored against the class names and each pixel takes its centre's label. "
+        "The run folder loads with --model OUT anywhere (segment, eval, score, bench).",
+        epilog="presets (values you pass win):\n"
+        "  synth       the toy recipe: toy CLIP, synthetic captioned scenes, module after block 4 of 6,\n"
+        "              2,400 steps of 128 (a GPU job; a CPU does a few steps a minute)\n"
+        "  cc3m_coco   the paper's schedule: OpenAI ViT-B/16, module after block 10, batch 768, 43k steps\n"
+        "              (10 epochs of CC3M + COCO), lr 4e-3 / 4e-6; give the pairs with --dataset csv|webdataset\n\n"
+        "data (--dataset):\n"
+        "  synth        the synthetic world's captioned train scenes (offline)\n"
+        "  csv          --data-root pairs.csv: rows 'path,caption' (paths relative to the file; header optional)\n"
+        "  webdataset   --data-root 'shards/cc3m-{00000..00331}.tar' (or a folder of .tar, or a glob): samples\n"
+        "               KEY.jpg + KEY.txt (or KEY.json with a caption); read by random access, indexed once\n"
+        "  superpixels of file datasets are computed once per image and cached under ~/.cache/vocaseg\n\n"
+        "ablations:\n"
+        "  --losses contrastive | contrastive,reconstruction | contrastive,superpixel   (default: all three)\n"
+        "  --group-after N --centres L --cross-attention-blocks K   where the module sits, its size\n"
+        "  --official-batch-mixing   emulate the official cross-attention, which on its torch 1.8 mixes the\n"
+        "               images of a batch (image b sees flat tokens b, B+b, ...); for comparison only\n"
+        "  --kl-form paper, --patch-labels majority, --gate-top-k 0, --templates maskclip85\n\n"
+        "the released model (no training): vocaseg convert segclip segclip.bin --out runs/segclip-paper\n\n"
+        "examples:\n"
+        "  vocaseg train segclip --model toy --dataset synth --out runs/s     # the synth preset\n"
+        "  vocaseg train segclip --preset synth --losses contrastive --out runs/s-con\n"
+        "  vocaseg train segclip --preset cc3m_coco --dataset webdataset --data-root 'cc/{00000..00331}.tar' \\\n"
+        "      --pretrained /path/ViT-B-16.pt --device cuda --workers 8 --out runs/segclip\n"
+        "  torchrun --nproc-per-node 8 -m vocaseg.cli train segclip --preset cc3m_coco ... --out runs/segclip\n"
+        "  vocaseg train segclip --out runs/s --resume          # continue an interrupted run exactly\n"
+        "  vocaseg eval --dataset synth --model runs/s          # then use it like any model")
+    t.add_argument("--out", required=True, help="run folder (never overwritten without --overwrite)")
+    t.add_argument("--preset", default=None, help="start from a preset (see below; default: synth for --dataset synth)")
+    g = t.add_argument_group("CLIP and data")
+    g.add_argument("--model", default=None, help="the CLIP ViT to start from: toy (default), an open_clip name or a "
+                   "model folder")
+    g.add_argument("--pretrained", default=None, help="its weights: a tag, a file, 'none' (default: 'default')")
+    g.add_argument("--dataset", default=None, choices=["synth", "csv", "webdataset"],
+                   help="image-caption pairs (default synth)")
+    g.add_argument("--data-root", default=None, help="csv: the file; webdataset: the shards")
+    g.add_argument("--train-images", type=int, default=None, help="use only the first N pairs (synth: N scenes)")
+    g.add_argument("--no-twins", dest="twins", action="store_const", const=False, default=None,
+                   help="synth: plain scenes, without each scene's twin with other shapes")
+    g.add_argument("--max-words", type=int, default=None, help="caption tokens kept (default 32, official)")
+    g.add_argument("--stored-side", type=int, default=None,
+                   help="short side images are resized to before cropping and superpixels (default: the model's "
+                   "input size; the official stores images at 224)")
+    g.add_argument("--crop-scale", default=None, help="random resized crop area range (default 0.5,1)")
+    g = t.add_argument_group("the group module and losses")
+    g.add_argument("--losses", default=None, help="comma-separated: contrastive (required), reconstruction, "
+                   "superpixel (default: all)")
+    g.add_argument("--group-after", type=int, default=None, metavar="N",
+                   help="insert the module after block N (blocks N.. run on the regions; toy default 4, ViT-B 10)")
+    g.add_argument("--centres", type=int, default=None, metavar="L", help="learnable centres = regions (default 8)")
+    g.add_argument("--cross-attention-blocks", type=int, default=None, metavar="K",
+                   help="cross-attention blocks of the centres (default 2)")
+    g.add_argument("--gumbel-tau", type=float, default=None, help="Gumbel-softmax temperature (default 0.9)")
+    g.add_argument("--official-batch-mixing", action="store_const", const=True, default=None,
+                   help="emulate the official cross-attention's mixing of a batch's images (not the method)")
+    g.add_argument("--mask-ratio", type=float, default=None, help="reconstruction: share of patches dropped (0.75)")
+    g.add_argument("--decoder-width", type=int, default=None, help="reconstruction decoder width (default: half "
+                   "the tower's)")
+    g.add_argument("--decoder-depth", type=int, default=None, help="decoder blocks (default 3)")
+    g.add_argument("--decoder-heads", type=int, default=None, help="decoder heads (default 8; synth 4)")
+    g.add_argument("--kl-form", choices=["code", "paper"], default=None,
+                   help="superpixel KL: code (softmax of the one-hot rows, default) or paper (Eq. 5-6)")
+    g.add_argument("--patch-labels", choices=["floor_mean", "majority"], default=None,
+                   help="a patch's superpixel: floor of the mean id (official) or the most frequent id")
+    g.add_argument("--superpixel-scale", type=float, default=None, help="Felzenszwalb scale at the stored size "
+                   "(default: 224 scaled with the side; synth 100)")
+    g.add_argument("--superpixel-sigma", type=float, default=None, help="Felzenszwalb sigma (default 0.9)")
+    g.add_argument("--superpixel-min-size", type=int, default=None, help="Felzenszwalb min_size (default: 224 "
+                   "scaled with the area; synth 64)")
+    g = t.add_argument_group("inference of the result")
+    g.add_argument("--templates", default=None, help="prompt templates (default photo: 'a photo of a {}.', official)")
+    g.add_argument("--gate-top-k", type=int, default=None, help="classes the image embedding lets through (default "
+                   "5; 0: all)")
+    g.add_argument("--background-thresholds", choices=["code", "paper"], default=None,
+                   help="VOC / Context / COCO-Object background thresholds: code 0.80/0.25/0.65 (default) or "
+                   "paper 0.75/0.25/0.65")
+    g = t.add_argument_group("schedule and run")
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None, help="global batch per step (synth 128)")
+    g.add_argument("--lr", type=float, default=None, help="new modules and the blocks after the module (synth 1e-3)")
+    g.add_argument("--clip-lr", type=float, default=None, help="the blocks before it and the text tower (synth 1e-6)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW decoupled decay (default 0.05)")
+    g.add_argument("--warmup", type=float, default=None, help="share of the steps with a linear warm-up (0.15)")
+    g.add_argument("--eval-dataset", default=None, help="held-out dataset evaluated at the end, recorded only "
+                   "(default synth; 'none' to skip; e.g. voc21 with --eval-data-root)")
+    g.add_argument("--eval-data-root", default=None)
+    _add_train_run_args(g, eval_help="its split (default val)",
+                        precision_help="fp32 (default, as the official), bf16 autocast, auto (bf16 on CUDA)")
+    t.set_defaults(func=cmd_train_segclip)
+
+    p = sub.add_parser("convert", help="turn a released checkpoint into a run folder")
+    csub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    c = csub.add_parser("segclip", help="the official SegCLIP release (segclip.bin) as a run folder",
+                        formatter_class=fmt, description="Rename the parameters of the official SegCLIP checkpoint "
+                        "onto open_clip's CLIP and vocaseg's group module and write a run folder, so that "
+                        "--model OUT runs the paper's model without training. Nothing is downloaded.",
+                        epilog="example:\n  vocaseg convert segclip segclip.bin --out runs/segclip-paper\n"
+                        "  vocaseg eval --dataset voc21 --data-root data/VOCdevkit/VOC2012 --model runs/segclip-paper\n"
+                        "(segclip.bin: " + "https://github.com/ArrowLuo/SegCLIP/releases/tag/checkpoint_v0)")
+    c.add_argument("checkpoint", help="the official segclip.bin")
+    c.add_argument("--out", required=True, help="the run folder to write")
+    c.add_argument("--model", default="ViT-B-16-quickgelu", help="its open_clip architecture (default "
+                   "ViT-B-16-quickgelu: the released model is OpenAI's ViT-B/16, QuickGELU)")
+    c.add_argument("--background-thresholds", choices=["code", "paper"], default="code")
+    c.add_argument("--overwrite", action="store_true", help="replace a run in OUT")
+    c.set_defaults(func=cmd_convert_segclip)
 
     p = sub.add_parser("list", help="models, methods, shipped runs, datasets, split sets, students, presets")
     p.set_defaults(func=cmd_list)

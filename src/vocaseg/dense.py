@@ -73,6 +73,8 @@ class DenseModel(nn.Module):
     cosines (the Segmenter's ``logit_scale`` option turns them into probabilities), or a fixed
     number when the model was trained to output logits (a student under cross-entropy: 1.0).
     ``pad_value``: the RGB colour padding should have (the mean colour the network normalises to 0).
+    ``fine_tunes_text``: the method trains the CLIP's text tower (SegCLIP), so text embeddings cached
+    for the CLIP's original weights do not hold for it.
     """
 
     stride: int = 1
@@ -80,6 +82,7 @@ class DenseModel(nn.Module):
     embed_dim: int = 0
     logit_scale: float | None = None
     pad_value: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    fine_tunes_text: bool = False
 
     def classifier(self, vocab: Vocabulary, encode_text: TextEncoder) -> Classifier:
         device = next(self.parameters()).device

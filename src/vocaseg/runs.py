@@ -192,6 +192,9 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu", method
                        f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     options = {**info.get("inference", {}), **config}
+    model_id = loaded.identity
+    if model.fine_tunes_text and model_id is not None:  # its own text embeddings, cached apart from the CLIP's
+        model_id += f"|run:{weights_fingerprint(path / WEIGHTS_FILE)['sha256_first_4MiB']}"
     return Segmenter(loaded.model, loaded.tokenizer, method=method, templates=templates or info.get("templates"),
-                     mean=loaded.mean, std=loaded.std, device=device, model_id=loaded.identity,
+                     mean=loaded.mean, std=loaded.std, device=device, model_id=model_id,
                      cache_dir=cache_dir, model=model, **options)

@@ -13,7 +13,7 @@ block rules of ``backbone.py`` behind :class:`~vocaseg.dense.TrainingFreeModel`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..dense import DenseModel
 
@@ -50,4 +50,20 @@ def get_method(name: str) -> MethodEntry:
     return METHODS[name]
 
 
-from . import maskclip_plus, reclip  # noqa: E402,F401  (register themselves)
+def config_from(config_cls, presets: dict, preset: str | None, overrides: dict, what: str, base: dict | None = None):
+    """A method's config: its defaults <- ``base`` <- the preset's values <- ``overrides`` (None values are
+    skipped, so unset command-line options keep the preset's); unknown presets and option names fail."""
+    values = dict(base or {})
+    if preset is not None:
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r} for {what}; choose one of {', '.join(presets)}")
+        values.update(presets[preset])
+        values["preset"] = preset
+    unknown = set(overrides) - {f.name for f in fields(config_cls)}
+    if unknown:
+        raise TypeError(f"unknown {what} option(s): {', '.join(sorted(unknown))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return config_cls(**values)
+
+
+from . import maskclip_plus, reclip, segclip  # noqa: E402,F401  (register themselves)

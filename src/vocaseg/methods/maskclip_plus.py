@@ -46,7 +46,7 @@ computed on detached features and trains nothing, is not reproduced.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -64,7 +64,7 @@ from ..training.augment import MMSEG_CONTEXT, MMSEG_VOC_COCO, SYNTH_TOY, Augment
 from ..training.loop import Recipe, sgd_poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
-from . import register_method
+from . import config_from, register_method
 
 UNLABELED = -1
 SETTINGS = ("annotation-free", "transductive", "supervised")
@@ -256,18 +256,7 @@ PRESET_INFERENCE = {
 
 def make_config(preset: str | None = None, **overrides) -> MaskClipPlusConfig:
     """Defaults <- the preset's values <- ``overrides`` (None values in overrides are skipped)."""
-    values = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        values.update(PRESETS[preset])
-        values["preset"] = preset
-    known = {f.name for f in fields(MaskClipPlusConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise TypeError(f"unknown MaskCLIP+ option(s): {', '.join(sorted(unknown))}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return MaskClipPlusConfig(**values)
+    return config_from(MaskClipPlusConfig, PRESETS, preset, overrides, "MaskCLIP+")
 
 
 # ---------------------------------------------------------------------------- training data

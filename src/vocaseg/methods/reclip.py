@@ -59,7 +59,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +81,7 @@ from ..training.augment import AugmentConfig, JointAugment
 from ..training.loop import Recipe, sgd_poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
-from . import register_method
+from . import config_from, register_method
 
 STAGES = ("rect", "distill")
 POSITION_BIAS = ("per-class", "shared", "none")
@@ -570,20 +570,10 @@ PRESET_INFERENCE = {"synth": dict(mode="whole", short_side=96), "voc20": dict(mo
 
 def make_config(preset: str | None = None, stage: str = "rect", **overrides) -> ReclipConfig:
     """Defaults <- the preset's values for ``stage`` <- ``overrides`` (None values are skipped)."""
-    values: dict = {"stage": stage}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown ReCLIP preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        if stage not in PRESETS[preset]:
-            raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
-        values.update(PRESETS[preset][stage])
-        values["preset"] = preset
-    known = {f.name for f in fields(ReclipConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise TypeError(f"unknown ReCLIP option(s): {', '.join(sorted(unknown))}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return ReclipConfig(**values)
+    if preset is not None and stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+    stage_presets = {name: stages[stage] for name, stages in PRESETS.items() if stage in stages}
+    return config_from(ReclipConfig, stage_presets, preset, overrides, "ReCLIP", base={"stage": stage})
 
 
 # ---------------------------------------------------------------------------- the recipes

@@ -42,6 +42,7 @@ Where this differs from mmsegmentation (on purpose):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,7 +147,7 @@ def _as_image(image) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"numpy image must be (H, W, 3), got shape {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        image = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)  # PIL's arrays are read-only
     elif isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"tensor image must be (3, H, W), got shape {tuple(image.shape)}")
@@ -337,6 +338,49 @@ def _no_two_classes(lab: torch.Tensor, ignore_index: int) -> bool:
     return labelled.numel() == 0 or bool((labelled == labelled[0]).all())
 
 
+def random_resized_crop(image, mask, size: int, scale: tuple[float, float] = (0.5, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """torchvision's ``RandomResizedCrop`` for an image and an optional label map, every draw from
+    ``generator``: a box of ``scale`` x the area and an aspect ratio log-uniform in ``ratio`` (10 tries,
+    then the centre crop with the ratio clamped), resized to ``size`` x ``size``: the image bicubic
+    (antialiased, clamped to [0, 1]) as CLIP's image-text training does, the map nearest-neighbour.
+
+    image: (H, W, 3) uint8 numpy or (3, H, W) tensor; mask: (H, W) integer map or None.
+    Returns pixels (3, size, size) float32 RGB in [0, 1] and the map (size, size) int64 (or None)."""
+    g = generator
+    if g is None:  # not reproducible, as JointAugment without a generator
+        g = torch.Generator()
+        g.seed()
+    img = _to_float(_as_image(image))
+    h, w = img.shape[-2:]
+    lab = _as_mask(mask, h, w) if mask is not None else None
+    area, log_ratio = h * w, (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * _uniform(g, *scale)
+        aspect = math.exp(_uniform(g, *log_ratio))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = _randint(g, h - ch), _randint(g, w - cw)
+            break
+    else:  # torchvision's fallback: the centre crop, its aspect ratio clamped into the range
+        if w / h < ratio[0]:
+            cw, ch = w, int(round(w / ratio[0]))
+        elif w / h > ratio[1]:
+            ch, cw = h, int(round(h * ratio[1]))
+        else:
+            cw, ch = w, h
+        top, left = (h - ch) // 2, (w - cw) // 2
+    out = F.resized_crop(tv_tensors.Image(img), top, left, ch, cw, [size, size],
+                         interpolation=InterpolationMode.BICUBIC, antialias=True)
+    pixels = out.as_subclass(torch.Tensor).clamp_(0, 1).contiguous()
+    if lab is None:
+        return pixels, None
+    lab = F.resized_crop(tv_tensors.Mask(lab), top, left, ch, cw, [size, size],
+                         interpolation=InterpolationMode.NEAREST_EXACT)
+    return pixels, lab.as_subclass(torch.Tensor).contiguous()
+
+
 def eval_resize(image, short_side: int | None, max_long: int = 2048) -> torch.Tensor:
     """Keep-ratio resize so the short side is ``short_side`` (None: keep the size), the long side at
     most ``max_long``; returns float32 (3, H, W) RGB in [0, 1], bilinear, antialiased when shrinking.
@@ -356,4 +400,4 @@ def eval_resize(image, short_side: int | None, max_long: int = 2048) -> torch.Te
 
 
 __all__ = ["AugmentConfig", "JointAugment", "MMSEG_VOC_COCO", "MMSEG_CONTEXT", "SYNTH_TOY", "eval_resize",
-           "rescale_size", "UNLABELED"]
+           "random_resized_crop", "rescale_size", "UNLABELED"]

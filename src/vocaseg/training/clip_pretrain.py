@@ -21,7 +21,8 @@ from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 
 from ..backbone import input_size
-from ..data.synth import SynthScenes, make_scene
+from ..data.pairs import SynthCaptions
+from ..data.synth import SynthScenes
 from ..loading import _local_dir, load_clip
 from .loop import Recipe, TrainerConfig, distributed_context, train
 
@@ -52,7 +53,8 @@ class _PairDataset(torch.utils.data.Dataset):
     """(pixels, tokens) pairs. With ``twins``, item 2k+1 is scene k with other shapes (a hard negative)."""
 
     def __init__(self, scenes: SynthScenes, tokenizer, mean, std, twins: bool = False):
-        self.scenes, self.tokenizer, self.twins = scenes, tokenizer, twins
+        self.scenes, self.tokenizer = scenes, tokenizer
+        self.pairs = SynthCaptions(scenes.split, scenes.seed, scenes.size, len(scenes), twins=twins)
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -60,13 +62,9 @@ class _PairDataset(torch.utils.data.Dataset):
         return len(self.scenes)
 
     def __getitem__(self, i):
-        if self.twins:
-            s = self.scenes
-            scene = make_scene(i // 2, s.split, s.seed, s.size, twin=i % 2)
-        else:
-            scene = self.scenes[i]
-        pixels = torch.from_numpy(scene.image).permute(2, 0, 1).float().div_(255)
-        return (pixels - self.mean) / self.std, self.tokenizer([scene.caption])[0]
+        image, caption = self.pairs.pair(i)
+        pixels = torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
+        return (pixels - self.mean) / self.std, self.tokenizer([caption])[0]
 
 
 def clip_param_groups(model: torch.nn.Module) -> list[dict]:

@@ -14,6 +14,22 @@ from .augment import JointAugment
 from .loop import item_seed
 
 
+class EpochOrder:
+    """Item ``i`` of an endless stream -> index ``order[i % n]`` of a permutation of ``range(n)`` drawn
+    per epoch from (seed, epoch): every epoch visits each index once, and the map depends on i alone."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._order = None, None
+
+    def __call__(self, i: int) -> int:
+        epoch = i // self.n
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(item_seed(self.seed, "order", epoch))
+            self._epoch, self._order = epoch, torch.randperm(self.n, generator=g)
+        return int(self._order[i % self.n])
+
+
 class TrainStream(torch.utils.data.Dataset):
     """An endless stream of augmented crops of ``dataset``.
 
@@ -27,18 +43,10 @@ class TrainStream(torch.utils.data.Dataset):
                  with_index: bool = False):
         self.dataset, self.augment, self.label_fn, self.seed = dataset, augment, label_fn, seed
         self.read_labels, self.with_index = read_labels, with_index
-        self._epoch, self._order = None, None
+        self._index = EpochOrder(len(dataset), seed)
 
     def __len__(self) -> int:
         return 1 << 40
-
-    def _index(self, i: int) -> int:
-        n = len(self.dataset)
-        epoch = i // n
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(item_seed(self.seed, "order", epoch))
-            self._epoch, self._order = epoch, torch.randperm(n, generator=g)
-        return int(self._order[i % n])
 
     def __getitem__(self, i: int):
         j = self._index(i)
