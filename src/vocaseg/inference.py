@@ -13,7 +13,6 @@ Pipeline for a batch of images (all steps on ``device``):
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Sequence
