@@ -531,11 +531,11 @@ def test_run_folder_holds_the_trained_parts_only_and_loads(toy_run):
 def test_run_replaces_a_benchmark_protocols_thresholds(toy_run):
     """VOC21's SCLIP protocol thresholds softmax probabilities (0.1) and class areas; SegCLIP's products of
     softmaxes would be misread by them, so its run's own rule (the background threshold) replaces them."""
-    from vocaseg.cli import _run_inference_defaults
+    from vocaseg.runs import run_inference_defaults
     from vocaseg.data.datasets import _sclip
 
     protocol = _sclip(336, 65.0, prob_threshold=0.1, area_threshold=0.1)  # voc21's
-    merged = {**protocol, **_run_inference_defaults(str(toy_run))}  # what `vocaseg eval` does
+    merged = {**protocol, **run_inference_defaults(str(toy_run))}  # what `vocaseg eval` does
     assert merged["prob_threshold"] is None and merged["area_threshold"] is None
 
 
