@@ -379,7 +379,7 @@ def cmd_train_maskclip_plus(args) -> int:
 RECLIP_OPTIONS = ("model", "pretrained", "rect_run", "dataset", "data_root", "train_split", "train_images",
                   "templates", "use_reference", "n_context", "position_bias", "bias_init_scale", "bias_sign",
                   "gumbel_scale", "pseudo_threshold", "pseudo_quantile", "pseudo_top_k", "student", "student_weights", "losses",
-                  "feature_weight", "text_weight", "distill_prune", "distill_prune_scale", "test_pruning", "augment", "crop", "steps",
+                  "feature_weight", "text_weight", "mask_logit_scale", "distill_prune", "distill_prune_scale", "test_pruning", "augment", "crop", "steps",
                   "batch_size", "lr", "weight_decay", "eval_split", "eval_images", "eval_every", "synth_seed",
                   "precision", "seed", "workers", "checkpoint_every", "resume", "overwrite")
 
@@ -765,6 +765,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--losses", default=None, help="comma-separated subset of mask,feature,text (default: all)")
     g.add_argument("--feature-weight", type=float, default=None, help="alpha (default 0.5)")
     g.add_argument("--text-weight", type=float, default=None, help="beta (default 0.5)")
+    g.add_argument("--mask-logit-scale", type=float, default=None, metavar="S",
+                   help="multiply the student's logits (a difference of cosines) by S in the mask loss "
+                        "(default 1, the paper's)")
     g.add_argument("--distill-prune", type=float, default=None, metavar="T",
                    help="prune the teacher's classes whose softmax (at --distill-prune-scale) never reaches T "
                         "(0: off; default 0.5)")

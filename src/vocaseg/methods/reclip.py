@@ -461,6 +461,9 @@ class ReclipConfig:
     losses: str = "mask,feature,text"
     feature_weight: float = 0.5
     text_weight: float = 0.5
+    # the mask loss's cross-entropy reads scale x M_D. M_D is a difference of cosines (about +-2), so at
+    # the paper's scale 1 a pixel's softmax can never be confident and the loss never stops pushing
+    mask_logit_scale: float = 1.0
     distill_prune_scale: float = 10.0
     distill_prune: float | None = 0.5  # None: no pruning of the teacher's classes
     # inference of the result
@@ -806,7 +809,7 @@ class DistillationRecipe(_ReclipRecipe):
         parts = {}
         if "mask" in use:
             up = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            parts["mask"] = F.cross_entropy(up, labels)
+            parts["mask"] = F.cross_entropy(self.cfg.mask_logit_scale * up, labels)
         if "feature" in use:  # L1 to the teacher's unnormalised features, on the student's grid
             target = F.interpolate(target_features, size=features.shape[-2:], mode="bilinear", align_corners=False)
             parts["feature"] = F.l1_loss(features.float(), target)
