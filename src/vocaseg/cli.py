@@ -7,6 +7,7 @@
   vocaseg train clip --out runs/toy
   vocaseg train maskclip-plus --preset synth --out runs/mcp
   vocaseg train segclip --preset synth --out runs/segclip
+  vocaseg train clip-rc --preset synth --out runs/rc
   vocaseg list                                  # models, methods, shipped runs, datasets, presets
   vocaseg eval --dataset synth --model toy --report report/   # + an HTML report
   vocaseg gallery --out docs/                   # every method on the same synth scenes, one picture
@@ -445,6 +446,34 @@ def cmd_train_segclip(args) -> int:
     return 0
 
 
+CLIP_RC_OPTIONS = ("setting", "init", "model", "pretrained", "dataset", "data_root", "train_split", "split_set",
+                   "templates", "n_prompts", "deep_prompts", "regions", "fuse", "recovery_layers", "decoder_layers",
+                   "decoder_heads", "decoder_ffn", "dropout", "dense_rule", "calibration", "focal_weight",
+                   "dice_weight", "recovery_weight", "augment", "crop", "steps", "batch_size", "lr", "weight_decay",
+                   "warmup", "eval_split", "eval_images", "eval_every", "synth_seed", "precision", "seed", "workers",
+                   "checkpoint_every", "resume", "overwrite")
+
+
+def cmd_train_clip_rc(args) -> int:
+    from .methods.clip_rc import make_config, train_clip_rc
+
+    overrides = {k: getattr(args, k) for k in CLIP_RC_OPTIONS}
+    if args.resume:  # a resumed run continues with the configuration it was started with
+        overrides = _resumed_config(Path(args.out), overrides, RESUME_CHANGEABLE)
+    elif args.preset is None and args.dataset in (None, "synth"):
+        # the synthetic world trains with the toy recipe (its transductive variant with --init)
+        args.preset = "synth_trans" if args.setting == "transductive" else "synth"
+    _normalise_none(overrides, ("pretrained",))
+    try:
+        preset = _preset_and_command(args, overrides)
+        cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err)) from None
+    summary = train_clip_rc(cfg)
+    _report_training(summary)
+    return 0
+
+
 def cmd_convert_segclip(args) -> int:
     from .methods.segclip import convert_official
 
@@ -466,6 +495,7 @@ def cmd_list(args) -> int:
     from .methods import METHODS
     from .methods.maskclip_plus import PRESETS
     from .methods.reclip import PRESETS as RECLIP_PRESETS
+    from .methods.clip_rc import PRESETS as CLIP_RC_PRESETS
     from .methods.segclip import PRESETS as SEGCLIP_PRESETS
     from .runs import read_run_info, shipped_runs
     from .students import list_students
@@ -497,6 +527,7 @@ def cmd_list(args) -> int:
     print(f"maskclip-plus presets: {', '.join(PRESETS)}")
     print(f"reclip presets (--stage rect | distill): {', '.join(RECLIP_PRESETS)}")
     print(f"segclip presets: {', '.join(SEGCLIP_PRESETS)}")
+    print(f"clip-rc presets: {', '.join(CLIP_RC_PRESETS)}")
     return 0
 
 
@@ -881,6 +912,74 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_run_args(g, eval_help="its split (default val)",
                         precision_help="fp32 (default, as the official), bf16 autocast, auto (bf16 on CUDA)")
     t.set_defaults(func=cmd_train_segclip)
+
+    t = tsub.add_parser(
+        "clip-rc", help="CLIP-RC: zero-shot segmentation from seen-class labels (deep prompts, region tokens, "
+        "a decoder on a frozen CLIP ViT)", formatter_class=fmt,
+        description="Train CLIP-RC (Zhang et al., CVPR 2024) on the seen classes of a zero-shot split. The CLIP "
+        "stays frozen; deep visual prompts, region-level bridge tokens (each a class token of one cell of the "
+        "patch grid), the region alignment and a decoder are trained with sigmoid focal + dice losses, plus a "
+        "training-only recovery decoder. Inductive: unseen names are never read in training, unseen pixels "
+        "are negatives. Transductive: start from an inductive run (--init) and pseudo-label the unseen pixels "
+        "with the model's own online argmax over the unseen classes. The run folder loads with --model OUT "
+        "anywhere (segment, eval, app) and names any classes.",
+        epilog="presets (the paper's schedules; values you pass win):\n"
+        "  synth, synth_trans            the toy recipe (toy CLIP, synthetic world, split synth_zs)\n"
+        "  voc_zs3[_trans]               VOC 15/5, ViT-B/16, 40k (transductive 20k) at batch 16\n"
+        "  context_zs3[_trans]           Pascal Context 50/10 (background seen)\n"
+        "  coco_stuff_zs3[_trans]        COCO-Stuff 156/15, 100 prompts, loss weights 200/3/50\n\n"
+        "ablations: --regions 0 (no region tokens), --fuse cls|rlb|none, --recovery-layers 0,\n"
+        "           --dense-rule raw|maskclip, --regions 1|4|36\n\n"
+        "examples:\n"
+        "  vocaseg train clip-rc --preset synth --out runs/rc                     # inductive, toy\n"
+        "  vocaseg train clip-rc --setting transductive --init runs/rc --out runs/rc-trans\n"
+        "  vocaseg train clip-rc --preset voc_zs3 --data-root data/VOCdevkit --device cuda --out runs/voc-rc\n"
+        "  vocaseg train clip-rc --out runs/rc --resume                           # continue exactly\n"
+        "  vocaseg eval --dataset synth --split-set synth_zs --model runs/rc      # mIoU(S), mIoU(U), hIoU")
+    t.add_argument("--out", required=True, help="run folder (never overwritten without --overwrite)")
+    t.add_argument("--preset", default=None, help="start from a preset (see below; synth when training on synth)")
+    t.add_argument("--setting", choices=["inductive", "transductive", "supervised"], default=None,
+                   help="inductive (default): seen labels only; transductive: + online pseudo labels on unseen "
+                        "pixels, from --init; supervised: every class labelled (the upper bound, no --split-set)")
+    t.add_argument("--init", default=None, help="transductive: the inductive run to start from (its CLIP is used)")
+    g = t.add_argument_group("CLIP and data")
+    g.add_argument("--model", default=None, help="the CLIP ViT: toy (default), an open_clip name or a model folder")
+    g.add_argument("--pretrained", default=None, help="its weights: a tag, a file, 'none' (default: 'default')")
+    g.add_argument("--dataset", default=None, help="synth (default) or any dataset of `vocaseg list`")
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--train-split", default=None, help="split to train on (default: train)")
+    g.add_argument("--split-set", default=None, help="the zero-shot split: synth_zs (default), voc_zs3, "
+                   "context_zs3, coco_stuff_zs3, or 'unseen:a,b'")
+    g.add_argument("--templates", default=None, help="prompt templates of the text embeddings (default maskclip85)")
+    g = t.add_argument_group("architecture (ablations)")
+    g.add_argument("--n-prompts", type=int, default=None, help="deep visual prompts per block (default 10)")
+    g.add_argument("--shallow-prompts", dest="deep_prompts", action="store_const", const=False, default=None,
+                   help="prompts in the first block only (VPT-shallow)")
+    g.add_argument("--regions", type=int, default=None, help="region tokens M, a square number (default 16; 0: none)")
+    g.add_argument("--fuse", choices=["both", "cls", "rlb", "none"], default=None,
+                   help="tokens fused into the image tokens (default both)")
+    g.add_argument("--recovery-layers", type=int, default=None, help="recovery decoder layers (default 1; 0: none)")
+    g.add_argument("--decoder-layers", type=int, default=None, help="default 3")
+    g.add_argument("--decoder-heads", type=int, default=None, help="default 8 (toy: 4)")
+    g.add_argument("--decoder-ffn", type=int, default=None, help="default 2048 (toy: 512)")
+    g.add_argument("--dropout", type=float, default=None, help="default 0.1")
+    g.add_argument("--dense-rule", choices=["raw", "maskclip"], default=None,
+                   help="the last block's patch tokens: raw (official) or maskclip's value path (toy default)")
+    g.add_argument("--calibration", type=float, default=None,
+                   help="subtracted from the seen classes' scores at inference (default 0.1 inductive, else 0)")
+    g = t.add_argument_group("loss and schedule")
+    g.add_argument("--focal-weight", type=float, default=None, help="default 100")
+    g.add_argument("--dice-weight", type=float, default=None, help="default 1")
+    g.add_argument("--recovery-weight", type=float, default=None, help="default 2")
+    g.add_argument("--augment", default=None, choices=["synth", "mmseg"])
+    g.add_argument("--crop", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-4)")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 150; real presets 1500)")
+    _add_train_run_args(g)
+    t.set_defaults(func=cmd_train_clip_rc)
 
     p = sub.add_parser("convert", help="turn a released checkpoint into a run folder")
     csub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
