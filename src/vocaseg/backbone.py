@@ -103,10 +103,12 @@ def vit_tokens(visual: nn.Module, pixels: torch.Tensor, stop: int) -> tuple[torc
 class CLIPBackbone(nn.Module):
     """Adapter over an open_clip CLIP model: text embeddings and dense image features."""
 
-    def __init__(self, clip_model: nn.Module):
+    def __init__(self, clip_model: nn.Module, visual: nn.Module | None = None):
+        """``visual``: an image tower to use instead of the model's own (its int8 copy, quantize.py)."""
         super().__init__()
         self.clip = clip_model
-        visual = clip_model.visual
+        visual = clip_model.visual if visual is None else visual
+        self.visual = visual
         if hasattr(visual, "attnpool"):
             self.kind = "resnet"
             self.stride = 32
@@ -116,7 +118,7 @@ class CLIPBackbone(nn.Module):
             if getattr(visual, "attn_pool", None) is not None:
                 raise NotImplementedError("ViTs with an attentional pooler are not supported (no token-level path)")
             last = visual.transformer.resblocks[-1]
-            if not isinstance(getattr(last, "attn", None), nn.MultiheadAttention):
+            if not (isinstance(getattr(last, "attn", None), nn.MultiheadAttention) or hasattr(last.attn, "qkv")):
                 raise NotImplementedError("only ViTs built from open_clip's default residual blocks are supported")
             self.stride = visual.conv1.stride[0]
             self.embed_dim = visual.proj.shape[1]
@@ -158,16 +160,18 @@ class CLIPBackbone(nn.Module):
 
     def tokens_before_last_block(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """ViT: the tokens entering the last block, (B, 1 + h*w, width) with the class token first, and (h, w)."""
-        return vit_tokens(self.clip.visual, pixels, len(self.clip.visual.transformer.resblocks) - 1)
+        return vit_tokens(self.visual, pixels, len(self.visual.transformer.resblocks) - 1)
 
     def _dense_vit(self, pixels: torch.Tensor, rule: str, keys: str | None, normalize: bool = True) -> DenseOutput:
-        visual = self.clip.visual
+        visual = self.visual
         x, grid = self.tokens_before_last_block(pixels)
         block = visual.transformer.resblocks[-1]
         attn: nn.MultiheadAttention = block.attn
         b, n, c = x.shape
         heads = attn.num_heads
-        q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        h = block.ln_1(x)
+        qkv = attn.qkv(h) if hasattr(attn, "qkv") else F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.chunk(3, dim=-1)
 
         def split(t):  # (B, N, C) -> (B, heads, N, C/heads)
             return t.reshape(b, n, heads, c // heads).transpose(1, 2)
@@ -204,7 +208,7 @@ class CLIPBackbone(nn.Module):
 
     def _dense_resnet(self, pixels: torch.Tensor, rule: str, keys: str | None,
                       normalize: bool = True) -> DenseOutput:
-        visual = self.clip.visual
+        visual = self.visual
         x = visual.stem(pixels.to(visual.conv1.weight.dtype))
         x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
         b, c, h, w = x.shape

@@ -69,7 +69,9 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16")
     g.add_argument("--prob-threshold", type=float, default=None, help="pixels below this probability -> background")
     g.add_argument("--area-threshold", type=float, default=None, help="drop classes covering less than this share")
     g.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"], default="auto",
+                   help="auto: bf16 on a GPU, fp32 on the CPU; int8: dynamic int8 image tower on the CPU "
+                        "(training-free methods)")
 
 
 def _add_train_run_args(g, eval_help: str = "held-out split evaluated at the end (recorded, never used to "
@@ -121,8 +123,12 @@ def _load_segmenter(args, templates, options: dict):
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     if find_run(args.model) is not None:
         templates = None  # a run prompts with the templates it was trained with, unless --templates says otherwise
-    return Segmenter.from_pretrained(args.model, pretrained=pretrained, method=args.method,
-                                     device=_device(args.device), templates=args.templates or templates, **options)
+    try:
+        return Segmenter.from_pretrained(args.model, pretrained=pretrained, method=args.method,
+                                         device=_device(args.device), templates=args.templates or templates,
+                                         **options)
+    except (ValueError, NotImplementedError) as err:  # an option the model cannot run (e.g. int8 on a run)
+        raise UserError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------- segment
@@ -569,6 +575,14 @@ def cmd_gallery(args) -> int:
     return 0
 
 
+def _per_device(path: str | None, device: str, several: bool) -> str | None:
+    """bench.json -> bench-cpu.json when several devices are timed."""
+    if path is None or not several:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{device}{p.suffix}"))
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
@@ -576,8 +590,13 @@ def cmd_bench(args) -> int:
 
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        run_bench(model=args.model, device=device, images=args.images, batch_size=args.batch_size,
-                  precision=args.precision, threads=args.threads)
+        try:
+            run_bench(model=args.model, device=device, images=args.images, batch_size=args.batch_size,
+                      precisions=tuple(args.precision), threads=args.threads, baseline=args.baseline,
+                      json_path=_per_device(args.json, device, len(devices) > 1),
+                      settings=args.setting)
+        except (ValueError, NotImplementedError) as err:
+            raise UserError(str(err)) from None
     return 0
 
 
@@ -1057,12 +1076,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/gallery.png")
     p.set_defaults(func=cmd_gallery)
 
-    p = sub.add_parser("bench", help="images/s and peak memory of inference (random weights)")
+    p = sub.add_parser(
+        "bench", help="steady-state images/s, windows/s and peak memory of inference (random weights)",
+        formatter_class=fmt,
+        description="Time the SCLIP protocol (short side 336, 224 windows every 112 px, 21 classes) and whole-image "
+        "inference at 336 on random 500x375 images, with random weights (speed does not depend on them), after a "
+        "warm-up image. Every --precision given is timed in the same run, so their ratio is one measurement.",
+        epilog="examples:\n"
+        "  vocaseg bench --precision fp32 int8                     # the CPU's int8 path against fp32\n"
+        "  vocaseg bench --device cuda --baseline --json gpu.json  # + the per-window loop of the official code\n"
+        "  vocaseg bench --model toy --images 32")
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--device", default=None, help="default: CPU, then CUDA if present")
-    p.add_argument("--images", type=int, default=8, help="images per measurement (default 8)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--images", type=int, default=None, help="images per measurement (default: 8 on a CPU, 512 on a GPU)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward (default 16)")
+    p.add_argument("--precision", nargs="+", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=["auto"],
+                   help="one or more; ratios are to the first (default auto: bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--setting", nargs="+", choices=["sclip slide 336/224/112", "whole image 336"], default=None,
+                   help="time only these settings (default: both)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the official code's way: one window at a time in a Python loop (fp16 on a GPU)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write every number, the device and versions here")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_bench)
     return parser

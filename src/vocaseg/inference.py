@@ -66,13 +66,15 @@ class InferenceConfig:
     prompt_denoising: float | None = None
     pamr: bool = False
     batch_size: int = 16
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU; or fp32 / bf16 / fp16
+    # auto: bf16 autocast on CUDA, float32 on CPU; or fp32 / bf16 / fp16; int8: the CPU's dynamic
+    # int8 quantisation of the image tower's Linears (training-free methods, ViT towers; quantize.py)
+    precision: str = "auto"
 
     def __post_init__(self):
         if self.mode not in ("slide", "whole"):
             raise ValueError(f"mode must be 'slide' or 'whole', not {self.mode!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.key_smoothing_mode not in KEY_KINDS:
             raise ValueError(f"key_smoothing_mode must be one of {KEY_KINDS}, not {self.key_smoothing_mode!r}")
         for name, default in (("key_smoothing", 1.0), ("prompt_denoising", 0.5)):  # True: on, default threshold
@@ -84,6 +86,7 @@ class InferenceConfig:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 CONFIG_FIELDS = {f.name for f in fields(InferenceConfig)}
 
 
@@ -295,17 +298,32 @@ class Segmenter:
     @property
     def model(self) -> DenseModel:
         """The :class:`~vocaseg.dense.DenseModel` that ``method`` names."""
+        int8 = self.config.precision == "int8"
         if self.trained is not None and self.method == self.trained.name:
+            if int8:
+                raise ValueError("precision int8 quantises the CLIP image tower of the training-free methods; "
+                                 f"run the trained {self.trained.name} in fp32 (or bf16/fp16 on a GPU)")
             return self.trained
         if self.method not in RULES:
             raise ValueError(f"unknown method {self.method!r}; this segmenter runs {', '.join(self.methods)}")
         cfg = self.config
-        key = (self.method, cfg.key_smoothing, cfg.key_smoothing_mode)
+        key = (self.method, cfg.key_smoothing, cfg.key_smoothing_mode, int8)
         if key not in self._models:
-            self._models[key] = TrainingFreeModel(self.backbone, self.method, self.mean.flatten().tolist(),
-                                                  self.std.flatten().tolist(), cfg.key_smoothing,
-                                                  cfg.key_smoothing_mode)
+            self._models[key] = TrainingFreeModel(self._int8_backbone() if int8 else self.backbone, self.method,
+                                                  self.mean.flatten().tolist(), self.std.flatten().tolist(),
+                                                  cfg.key_smoothing, cfg.key_smoothing_mode)
         return self._models[key]
+
+    def _int8_backbone(self) -> CLIPBackbone:
+        """The backbone over an int8 copy of the image tower, made once and shared by every view."""
+        if self.device.type != "cpu":
+            raise ValueError(f"precision int8 runs on the CPU (torch's dynamic quantisation); on {self.device} use "
+                             "bf16 or fp16")
+        if "int8-backbone" not in self._models:
+            from .quantize import quantize_image_tower
+
+            self._models["int8-backbone"] = CLIPBackbone(self.backbone.clip, quantize_image_tower(self.backbone.visual))
+        return self._models["int8-backbone"]
 
     @property
     def logit_scale(self) -> float:

@@ -1,0 +1,98 @@
+"""The fast paths give the outputs of the straightforward ones: batched windows against a per-window
+loop (odd sizes, images smaller than a window), the int8 image tower against float32."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_clip
+from vocaseg import Segmenter
+from vocaseg.bench import per_window_logits
+from vocaseg.cli import main
+from vocaseg.quantize import Int8ReadySelfAttention, quantize_image_tower
+
+
+def _segmenter(kind, tokenizer, **config):
+    return Segmenter(tiny_clip(kind), tokenizer, templates="plain", mean=(0.5,) * 3, std=(0.25,) * 3, **config)
+
+
+@pytest.mark.parametrize("kind,mode,size", [
+    ("vit", "slide", (37, 53)),  # smaller than the window: one padded window
+    ("vit", "slide", (70, 131)),  # odd sizes, overlapping windows, last flush with the edge
+    ("vit", "whole", (70, 131)),
+    ("resnet", "slide", (97, 75)),
+    ("resnet", "whole", (45, 61)),
+])
+def test_batched_windows_equal_a_per_window_loop(kind, mode, size, tokenizer):
+    seg = _segmenter(kind, tokenizer, mode=mode, short_side=None, window=64, stride=40, batch_size=3)
+    rng = np.random.default_rng(0)
+    images = [(rng.random((*size, 3)) * 255).astype(np.uint8), (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)]
+    classes = ["cat", "road", "sky, cloud"]
+    fast = seg.predict_batch(images, classes)  # both images' windows batched together
+    for image, result in zip(images, fast):
+        want = per_window_logits(seg, image, classes)
+        assert result.logits.shape == want.shape == (3, *image.shape[:2])
+        torch.testing.assert_close(result.logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_ready_attention_is_the_same_computation():
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        attn = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+        mine = Int8ReadySelfAttention(attn)
+        x = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
+        want = attn(x, x, x, need_weights=False)[0]
+        got, _ = mine(x, x, x, need_weights=False)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_tower_is_close_and_leaves_the_original_untouched(tokenizer):
+    clip = tiny_clip("vit")
+    before = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    q = quantize_image_tower(clip.visual)
+    assert all(torch.equal(before[k], v) for k, v in clip.visual.state_dict().items())
+    dynamic = [m for m in q.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")]
+    assert not any(type(m) is nn.Linear for m in q.modules())  # every Linear is the int8 one, q/k/v included
+    assert len(dynamic) == 2 * 4  # two blocks: q/k/v, out_proj, MLP c_fc, c_proj
+    seg = Segmenter(clip, tokenizer, templates="plain")
+    x = seg.normalize(torch.rand(2, 3, 64, 64))
+    a = seg.model.backbone.dense(x).features
+    b = seg.with_options(precision="int8").model.backbone.dense(x).features
+    assert torch.nn.functional.cosine_similarity(a, b, dim=1).mean() > 0.98
+    with pytest.raises(NotImplementedError, match="fp32"):
+        quantize_image_tower(tiny_clip("resnet").visual)
+
+
+def test_int8_toy_quality_within_half_a_point_of_fp32():
+    from vocaseg.data.datasets import build_dataset
+    from vocaseg.evaluation import evaluate
+
+    ds = build_dataset("synth", None, "val", length=60)
+    seg = Segmenter.from_pretrained("toy", templates=ds.templates, **ds.protocol)
+    fp32 = evaluate(seg.with_options(precision="fp32"), ds, None, workers=0, batch_images=32, progress=False)
+    int8 = evaluate(seg.with_options(precision="int8"), ds, None, workers=0, batch_images=32, progress=False)
+    assert abs(int8["mIoU"] - fp32["mIoU"]) < 0.5 and fp32["mIoU"] > 30
+
+
+def test_int8_errors_name_the_fix(tmp_path, capsys):
+    seg = Segmenter.from_pretrained("toy-maskclip-plus")
+    with pytest.raises(ValueError, match="training-free"):
+        seg.with_options(precision="int8").model
+    assert main(["segment", str(tmp_path / "none.png"), "--classes", "a, b", "--precision", "int8",
+                 "--model", "toy-maskclip-plus", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_bench_times_precisions_and_the_baseline_in_one_run(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "toy", "--images", "2", "--device", "cpu", "--precision", "fp32", "int8",
+                 "--baseline", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert {r["precision"] for r in rows} == {"fp32", "int8"} and report["versions"]["torch"] == torch.__version__
+    slide = [r for r in rows if r["setting"].startswith("sclip")]
+    assert [r["path"] for r in slide][-1].startswith("per-window") and all(r["images_per_s"] > 0 for r in rows)
+    assert slide[1]["speedup_vs_fp32"] == pytest.approx(slide[1]["images_per_s"] / slide[0]["images_per_s"])
+    assert slide[0]["windows_per_s"] / slide[0]["images_per_s"] == pytest.approx(6)  # 336x448: 2 x 3 windows
