@@ -62,7 +62,7 @@ from ..inference import Segmenter
 from ..loading import load_clip
 from ..runs import RunError, clip_identity, find_run, read_run_info, training_record, vocaseg_command, write_run
 from ..training.augment import MMSEG_VOC_COCO, AugmentConfig, JointAugment
-from ..training.loop import Recipe, TrainerConfig, train, unwrap
+from ..training.loop import Recipe, RunFields, TrainerConfig, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import config_from, register_method
@@ -340,7 +340,7 @@ class ClipRcModel(DenseModel):
 
 # ---------------------------------------------------------------------------- configuration
 @dataclass
-class ClipRcConfig:
+class ClipRcConfig(RunFields):
     """Everything a CLIP-RC run depends on (recorded in its method.json). Defaults: the toy recipe."""
 
     out: str
@@ -379,22 +379,6 @@ class ClipRcConfig:
     warmup: int = 150
     min_lr: float = 1e-6
     poly_power: float = 0.9
-    # run
-    eval_split: str = "val"
-    eval_images: int = 100
-    eval_every: int = 0
-    synth_seed: int = 0
-    device: str = "cpu"
-    precision: str = "auto"
-    seed: int = 0
-    workers: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    preset: str | None = None
-    command: str | None = None
 
     def __post_init__(self):
         checks = (("setting", SETTINGS), ("fuse", FUSE), ("dense_rule", DENSE_RULES), ("augment", tuple(AUGMENTS)))

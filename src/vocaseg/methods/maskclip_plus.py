@@ -61,7 +61,7 @@ from ..loading import load_clip
 from ..runs import clip_identity, training_record, vocaseg_command, write_run
 from ..students import IMAGENET_MEAN, build_student
 from ..training.augment import MMSEG_CONTEXT, MMSEG_VOC_COCO, SYNTH_TOY, AugmentConfig, JointAugment
-from ..training.loop import Recipe, sgd_poly_config, train, unwrap
+from ..training.loop import Recipe, RunFields, sgd_poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import config_from, register_method
@@ -151,7 +151,7 @@ def mean_over_all_pixels_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 # ---------------------------------------------------------------------------- configuration
 @dataclass
-class MaskClipPlusConfig:
+class MaskClipPlusConfig(RunFields):
     """Everything a MaskCLIP+ run depends on (recorded in its method.json). Defaults: the toy recipe."""
 
     out: str
@@ -182,21 +182,6 @@ class MaskClipPlusConfig:
     confidence: float = 0.0  # ignore pseudo-labelled pixels less probable than this (0: off, as the paper)
     learned_background: bool = False
     templates: str = "maskclip85"
-    eval_split: str = "val"
-    command: str | None = None  # the command line that started the run (kept on --resume)
-    eval_images: int = 100  # periodic and final held-out eval (recorded only); 0: none
-    eval_every: int = 0
-    synth_seed: int = 0  # the synthetic world's seed (train and eval scenes)
-    device: str = "cpu"
-    precision: str = "auto"
-    seed: int = 0
-    workers: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    preset: str | None = None
 
     def __post_init__(self):
         if self.setting not in SETTINGS:

@@ -78,7 +78,7 @@ from ..runs import (RunError, clip_identity, find_run, read_run_info, training_r
                     write_run)
 from ..students import IMAGENET_MEAN, build_student
 from ..training.augment import AugmentConfig, JointAugment
-from ..training.loop import Recipe, sgd_poly_config, train, unwrap
+from ..training.loop import Recipe, RunFields, sgd_poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import config_from, register_method
@@ -432,7 +432,7 @@ class ReclipDistilled(_ReferenceHead):
 
 # ---------------------------------------------------------------------------- configuration
 @dataclass
-class ReclipConfig:
+class ReclipConfig(RunFields):
     """Everything a ReCLIP run depends on (recorded in its method.json). Defaults: the toy recipe."""
 
     out: str
@@ -478,22 +478,6 @@ class ReclipConfig:
     momentum: float = 0.9
     min_lr: float = 0.0
     poly_power: float = 0.9
-    # run
-    eval_split: str = "val"
-    eval_images: int = 100
-    eval_every: int = 0
-    synth_seed: int = 0
-    device: str = "cpu"
-    precision: str = "auto"
-    seed: int = 0
-    workers: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    preset: str | None = None
-    command: str | None = None
 
     def __post_init__(self):
         checks = (("stage", STAGES), ("position_bias", POSITION_BIAS), ("bias_sign", BIAS_SIGNS),

@@ -65,7 +65,7 @@ from ..inference import Segmenter
 from ..loading import WeightsUnavailableError, load_clip
 from ..runs import clip_identity, training_record, vocaseg_command, weights_fingerprint, write_run
 from ..training.augment import eval_resize, random_resized_crop
-from ..training.loop import Recipe, TrainerConfig, distributed_context, item_seed, train, unwrap
+from ..training.loop import Recipe, RunFields, TrainerConfig, distributed_context, item_seed, train, unwrap
 from ..training.stream import EpochOrder
 from ..vocabulary import Vocabulary, default_cache_dir
 from . import config_from, register_method
@@ -693,7 +693,7 @@ class SegClipTraining(nn.Module):
 
 # ---------------------------------------------------------------------------- configuration
 @dataclass
-class SegClipConfig:
+class SegClipConfig(RunFields):
     """Everything a SegCLIP run depends on (recorded in its method.json). Defaults: the toy CLIP on synth
     with the general rules (decoder and superpixels from the official values, scaled); the presets hold
     the toy recipe's measured values and the paper's schedule."""
@@ -738,24 +738,11 @@ class SegClipConfig:
     templates: str = "photo"  # the official single template "a photo of a {}."
     gate_top_k: int = 5
     background_thresholds: str = "code"
-    # run
+    # held-out evaluation (the rest of the run fields: RunFields)
     eval_dataset: str | None = "synth"
     eval_data_root: str | None = None
-    eval_split: str = "val"
-    eval_images: int = 100
-    eval_every: int = 0
-    synth_seed: int = 0
-    device: str = "cpu"
-    precision: str = "fp32"  # the official trains in fp32
-    seed: int = 0
-    workers: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    preset: str | None = None
-    command: str | None = None
+    precision: str = field(default="fp32", kw_only=True)  # the official trains in fp32
+    checkpoint_every: int = field(default=100, kw_only=True)
 
     def __post_init__(self):
         unknown = set(self.loss_names) - set(LOSSES)

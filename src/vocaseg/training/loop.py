@@ -88,6 +88,28 @@ class TrainerConfig:
         self.betas = tuple(self.betas)
 
 
+@dataclass(kw_only=True)
+class RunFields:
+    """The fields every method's config shares: held-out evaluation, seeds, device, checkpoints, resume,
+    and the preset and command line that started the run (kept on --resume)."""
+
+    eval_split: str = "val"
+    eval_images: int = 100  # periodic and final held-out eval (recorded only); 0: none
+    eval_every: int = 0
+    synth_seed: int = 0  # the synthetic world's seed (train and eval scenes)
+    device: str = "cpu"
+    precision: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    preset: str | None = None
+    command: str | None = None
+
+
 class Recipe:
     """A method's training side. Subclasses set ``method`` and implement the methods that raise.
 
