@@ -162,9 +162,26 @@ class CLIPBackbone(nn.Module):
         """ViT: the tokens entering the last block, (B, 1 + h*w, width) with the class token first, and (h, w)."""
         return vit_tokens(self.visual, pixels, len(self.visual.transformer.resblocks) - 1)
 
-    def _dense_vit(self, pixels: torch.Tensor, rule: str, keys: str | None, normalize: bool = True) -> DenseOutput:
+    @torch.no_grad()
+    def global_and_dense(self, pixels: torch.Tensor, rule: str = "raw") -> tuple[torch.Tensor, torch.Tensor]:
+        """ViT: CLIP's image embedding (B, D), not normalised (the unmodified tower's class token through
+        ``ln_post`` and ``proj``: ``encode_image`` at any input size, positional embeddings resized), and
+        the dense features (B, D, h, w) of ``rule``, L2-normalised; the blocks before the last run once."""
+        if self.kind != "vit":
+            raise NotImplementedError("the image embedding together with dense tokens needs a ViT image tower")
         visual = self.visual
         x, grid = self.tokens_before_last_block(pixels)
+        z = run_block(visual.transformer.resblocks[-1], x, getattr(visual.transformer, "batch_first", True))
+        image = (visual.ln_post(z[:, 0]) @ visual.proj).float()
+        if rule == "raw":
+            f = F.normalize((visual.ln_post(z[:, 1:]) @ visual.proj).float(), dim=-1)
+            return image, f.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+        return image, self._dense_vit(pixels, rule, None, tokens=(x, grid)).features
+
+    def _dense_vit(self, pixels: torch.Tensor, rule: str, keys: str | None, normalize: bool = True,
+                   tokens: tuple[torch.Tensor, tuple[int, int]] | None = None) -> DenseOutput:
+        visual = self.visual
+        x, grid = self.tokens_before_last_block(pixels) if tokens is None else tokens
         block = visual.transformer.resblocks[-1]
         attn: nn.MultiheadAttention = block.attn
         b, n, c = x.shape

@@ -8,6 +8,7 @@
   vocaseg train maskclip-plus --preset synth --out runs/mcp
   vocaseg train segclip --preset synth --out runs/segclip
   vocaseg train clip-rc --preset synth --out runs/rc
+  vocaseg train clipteacher --preset synth --out runs/ct
   vocaseg list                                  # models, methods, shipped runs, datasets, presets
   vocaseg eval --dataset synth --model toy --report report/   # + an HTML report
   vocaseg gallery --out docs/                   # every method on the same synth scenes, one picture
@@ -59,6 +60,9 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16")
     g.add_argument("--prompt-denoising", type=float, nargs="?", const=0.5, default=None, metavar="T",
                    help="MaskCLIP prompt denoising: drop classes never above confidence T (default T: 0.5)")
     g.add_argument("--pamr", action="store_true", help="refine masks along image edges (PAMR)")
+    g.add_argument("--calibration", type=float, default=None, metavar="G",
+                   help="zero-shot runs (clip-rc, clipteacher): lower the trained (seen) classes' scores by G "
+                   "against the unseen ones, instead of the run's own value; sweep it on val, not test")
     g = p.add_argument_group("inference (defaults: the dataset's protocol, or SCLIP-style for segment)")
     g.add_argument("--mode", choices=["slide", "whole"], default=None)
     g.add_argument("--short-side", type=int, default=None, help="resize so the short side is N px (0: 1.5x model size)")
@@ -93,7 +97,7 @@ def _add_train_run_args(g, eval_help: str = "held-out split evaluated at the end
 def _inference_options(args, base: dict | None = None) -> dict:
     opts = dict(base or {})
     for key in ("mode", "short_side", "window", "stride", "logit_scale", "prob_threshold", "area_threshold",
-                "key_smoothing", "key_smoothing_mode", "prompt_denoising"):
+                "key_smoothing", "key_smoothing_mode", "prompt_denoising", "calibration"):
         value = getattr(args, key)
         if value is not None:
             opts[key] = value
@@ -480,6 +484,40 @@ def cmd_train_clip_rc(args) -> int:
     return 0
 
 
+CLIPTEACHER_OPTIONS = ("setting", "model", "pretrained", "dataset", "data_root", "train_split", "split_set",
+                       "templates", "student", "student_weights", "glm", "tau", "bank_size", "plm",
+                       "teacher_dense_rule", "kmeans_iters", "fusion_threshold", "adapter", "adapter_layers",
+                       "adapter_heads", "global_weight", "generate_weight", "ce_weight", "focal_weight",
+                       "dice_weight", "loss_stride", "calibration", "augment", "crop", "steps", "batch_size", "lr",
+                       "head_lr_mult", "weight_decay", "warmup", "eval_split", "eval_images", "eval_every",
+                       "synth_seed", "precision", "seed", "workers", "checkpoint_every", "resume", "overwrite")
+
+
+def cmd_train_clipteacher(args) -> int:
+    from .methods.clipteacher import ClipTeacherRecipe, make_config, train_clipteacher
+
+    overrides = {k: getattr(args, k) for k in CLIPTEACHER_OPTIONS}
+    if args.kmeans_windows:
+        try:
+            overrides["kmeans_windows"] = tuple(int(v) for v in args.kmeans_windows.split(","))
+        except ValueError:
+            raise UserError(f"--kmeans-windows takes block counts, e.g. 3,7; not {args.kmeans_windows!r}") from None
+    if args.resume:  # a resumed run continues with the configuration it was started with
+        overrides = _resumed_config(Path(args.out), overrides, RESUME_CHANGEABLE)
+    elif args.preset is None and args.dataset in (None, "synth"):
+        args.preset = "synth"  # the synthetic world trains with the toy recipe
+    _normalise_none(overrides, ("pretrained", "student_weights"))
+    try:
+        preset = _preset_and_command(args, overrides)
+        cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
+        recipe = ClipTeacherRecipe(cfg)  # checks the data, split and models before anything is written
+    except (ValueError, TypeError, NotImplementedError) as err:
+        raise UserError(str(err)) from None
+    summary = train_clipteacher(cfg, recipe)
+    _report_training(summary)
+    return 0
+
+
 def cmd_convert_segclip(args) -> int:
     from .methods.segclip import convert_official
 
@@ -502,6 +540,7 @@ def cmd_list(args) -> int:
     from .methods.maskclip_plus import PRESETS
     from .methods.reclip import PRESETS as RECLIP_PRESETS
     from .methods.clip_rc import PRESETS as CLIP_RC_PRESETS
+    from .methods.clipteacher import PRESETS as CLIPTEACHER_PRESETS
     from .methods.segclip import PRESETS as SEGCLIP_PRESETS
     from .runs import read_run_info, shipped_runs
     from .students import list_students
@@ -534,6 +573,7 @@ def cmd_list(args) -> int:
     print(f"reclip presets (--stage rect | distill): {', '.join(RECLIP_PRESETS)}")
     print(f"segclip presets: {', '.join(SEGCLIP_PRESETS)}")
     print(f"clip-rc presets: {', '.join(CLIP_RC_PRESETS)}")
+    print(f"clipteacher presets: {', '.join(CLIPTEACHER_PRESETS)}")
     return 0
 
 
@@ -999,6 +1039,88 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 150; real presets 1500)")
     _add_train_run_args(g)
     t.set_defaults(func=cmd_train_clip_rc)
+
+    t = tsub.add_parser(
+        "clipteacher", help="CLIPTeacher: any segmentation network learns zero-shot segmentation from seen-class "
+        "labels with a frozen CLIP teacher", formatter_class=fmt,
+        description="Train CLIPTeacher (Li et al., 2023; CLIP-ZSS) on the seen classes of a zero-shot split. A "
+        "student network (any of `vocaseg list`'s students, or timm:NAME) emits CLIP-sized features scored "
+        "against frozen text embeddings. A frozen CLIP ViT teaches it in training only: the global learning "
+        "module pulls the student's CLIP-attended image vector to CLIP's own (InfoNCE against a bank of 24 "
+        "steps), and the pixel learning module clusters CLIP's tokens in the unlabelled area (multi-scale "
+        "k-means, fusion) into potential objects whose weights a vision-language adapter generates, so those "
+        "pixels are supervised too. Unseen class names are never read in training. At test time gamma is "
+        "added to the unseen classes (--calibration; `vocaseg eval --calibration G` sweeps it).",
+        epilog="presets (the paper's schedules; values you pass win):\n"
+        "  synth               the toy recipe (toy CLIP, deeplabv2-toy from scratch, split synth_zs, 1500 steps)\n"
+        "  voc_zs3             VOC 15/5, ViT-B/16 teacher, Swin-B + all-MLP head, 20k at batch 16\n"
+        "  context_zs3         Pascal Context 49/10 over 59 classes (split context59_zs3), 40k\n"
+        "  coco_stuff_zs3      COCO-Stuff 156/15, 80k\n\n"
+        "ablations (the paper's Tables 3-5): --glm none|mean|max, --no-plm, --generate-weight 0,\n"
+        "  --adapter mlp|none, --ce-weight 0, --focal-weight 0 --dice-weight 0;\n"
+        "  the seen-only baseline (same student, no teacher): --glm none --no-plm\n\n"
+        "examples:\n"
+        "  vocaseg train clipteacher --preset synth --out runs/ct                          # toy\n"
+        "  vocaseg train clipteacher --preset synth --student mlp-convnext-atto-toy --out runs/ct-mlp\n"
+        "  vocaseg train clipteacher --preset synth --glm none --no-plm --out runs/seen-only\n"
+        "  vocaseg train clipteacher --preset voc_zs3 --data-root data/VOCdevkit --device cuda --out runs/voc-ct\n"
+        "  vocaseg train clipteacher --out runs/ct --resume                                # continue exactly\n"
+        "  vocaseg eval --dataset synth --split val --split-set synth_zs --model runs/ct --calibration 0.5")
+    t.add_argument("--out", required=True, help="run folder (never overwritten without --overwrite)")
+    t.add_argument("--preset", default=None, help="start from a preset (see below; synth when training on synth)")
+    t.add_argument("--setting", choices=["inductive", "supervised"], default=None,
+                   help="inductive (default): seen labels only; supervised: every class labelled (upper bound)")
+    g = t.add_argument_group("CLIP, student and data")
+    g.add_argument("--model", default=None, help="the CLIP ViT teacher: toy (default), an open_clip name, a folder")
+    g.add_argument("--pretrained", default=None, help="its weights: a tag, a file, 'none' (default: 'default')")
+    g.add_argument("--student", default=None, help="deeplabv2-toy (synth default), mlp-convnext-atto-toy, "
+                   "deeplabv2-r101, mlp-swin-base, mlp-convnext-tiny, ..., or timm:NAME (any timm model with "
+                   "features_only, all-MLP head)")
+    g.add_argument("--student-weights", default=None, help="'default' (ImageNet for the real students), 'none', "
+                   "or a local backbone file")
+    g.add_argument("--dataset", default=None, help="synth (default) or any dataset of `vocaseg list`")
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--train-split", default=None, help="split to train on (default: train)")
+    g.add_argument("--split-set", default=None, help="the zero-shot split: synth_zs (default), voc_zs3, "
+                   "context59_zs3, coco_stuff_zs3, or 'unseen:a,b'")
+    g.add_argument("--templates", default=None, help="prompt templates of the text embeddings (default maskclip85)")
+    g = t.add_argument_group("global learning module")
+    g.add_argument("--glm", choices=["attention", "mean", "max", "none"], default=None,
+                   help="how the student's image vector is pooled (default attention; none: no GLM)")
+    g.add_argument("--tau", type=float, default=None, help="InfoNCE temperature (default 0.07)")
+    g.add_argument("--bank-size", type=int, default=None, help="steps of CLIP class tokens kept as negatives (24)")
+    g = t.add_argument_group("pixel learning module")
+    g.add_argument("--no-plm", dest="plm", action="store_const", const=False, default=None,
+                   help="no pixel learning module (no k-means, no adapter, no generate loss)")
+    g.add_argument("--teacher-dense-rule", choices=["raw", "maskclip", "sclip", "clearclip", "naclip"], default=None,
+                   help="CLIP's dense tokens clustered (default raw: the unaltered tower)")
+    g.add_argument("--kmeans-windows", default=None, help="centre grids, e.g. 3,7 (default)")
+    g.add_argument("--kmeans-iters", type=int, default=None, help="default 10")
+    g.add_argument("--fusion-threshold", type=float, default=None, help="lambda of the mask fusion (default 0.8)")
+    g.add_argument("--adapter", choices=["decoder", "mlp", "none"], default=None,
+                   help="the vision-language adapter (default decoder)")
+    g.add_argument("--adapter-layers", type=int, default=None, help="default 2")
+    g.add_argument("--adapter-heads", type=int, default=None, help="default 8 (toy: 4)")
+    g = t.add_argument_group("losses, inference and schedule")
+    g.add_argument("--global-weight", type=float, default=None, help="default 1")
+    g.add_argument("--generate-weight", type=float, default=None, help="default 1 (0: no L_generate)")
+    g.add_argument("--ce-weight", type=float, default=None, help="default 1")
+    g.add_argument("--focal-weight", type=float, default=None, help="default 1")
+    g.add_argument("--dice-weight", type=float, default=None, help="default 1")
+    g.add_argument("--loss-stride", type=int, default=None, help="pixel losses on every k-th label pixel "
+                   "(default 1; synth 2)")
+    g.add_argument("--calibration", type=float, default=None, help="gamma added to unseen classes at inference "
+                   "(default 1.5)")
+    g.add_argument("--augment", default=None, choices=["synth", "voc_coco", "context"])
+    g.add_argument("--crop", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (synth 2e-3; real 6e-5)")
+    g.add_argument("--head-lr-mult", type=float, default=None, help="head and adapter lr multiplier (real 10)")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (synth 100; real 1500)")
+    _add_train_run_args(g)
+    t.set_defaults(func=cmd_train_clipteacher)
 
     p = sub.add_parser("convert", help="turn a released checkpoint into a run folder")
     csub = p.add_subparsers(dest="what", required=True, metavar="WHAT")

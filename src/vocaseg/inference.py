@@ -50,6 +50,10 @@ class InferenceConfig:
     pamr: pixel-adaptive mask refinement on the probabilities, guided by the image.
     logit_scale: softmax temperature for cosine scores; a trained model that outputs logits
         (``DenseModel.logit_scale`` set) uses its own scale instead.
+    calibration: zero-shot runs trained on seen classes only (CLIP-RC, CLIPTeacher): how much the
+        scores of the classes the run was trained on are lowered against the others (equivalently,
+        unseen ones raised), instead of the run's own value (CLIP-RC 0.1, CLIPTeacher 1.5). None: the
+        run's own. Choose it on validation data, never on the test split.
     """
 
     mode: str = "slide"
@@ -69,6 +73,7 @@ class InferenceConfig:
     # auto: bf16 autocast on CUDA, float32 on CPU; or fp32 / bf16 / fp16; int8: the CPU's dynamic
     # int8 quantisation of the image tower's Linears (training-free methods, ViT towers; quantize.py)
     precision: str = "auto"
+    calibration: float | None = None
 
     def __post_init__(self):
         if self.mode not in ("slide", "whole"):
@@ -408,6 +413,10 @@ class Segmenter:
         """(B,3,H,W) RGB windows in [0, 1] -> (B, C, H, W) scores, upsampled to the window's pixels."""
         with self._autocast():
             logits = self.model.logits(pixels, classifier)
+        seen = classifier.extra.get("seen") if classifier.extra else None
+        if self.config.calibration is not None and seen is not None:  # replaces the run's own calibration
+            shift = getattr(self.model, "calibration", 0.0) - self.config.calibration
+            logits = logits.float() + shift * seen.to(logits.device).float().view(1, -1, 1, 1)
         return F.interpolate(logits.float().clamp_min(LOGIT_FLOOR), size=pixels.shape[-2:], mode="bilinear",
                              align_corners=False)
 

@@ -16,6 +16,10 @@ Students are a backbone (which returns a low-level and a high-level feature map)
   (stride 4): layer3/layer4 dilated 2 and 4 instead, ASPP-v2 at 2, 4, 6, 8.
 - ``deeplabv3plus-toy`` (stride 2): the stride-8 toy backbone; a V3+ head at 64 channels (ASPP rates
   1, 2, 3) with its decoder on layer1's stride-2 features.
+- ``mlp-convnext-tiny`` / ``mlp-swin-tiny`` / ``mlp-swin-base`` (stride 4): a timm ``features_only``
+  backbone (ImageNet weights from timm by default) with SegFormer's all-MLP head, as CLIPTeacher's
+  SegFormer / Swin students; ``timm:NAME`` builds the same from any timm model with ``features_only``.
+  ``mlp-convnext-atto-toy``: convnext_atto from random weights with a 64-wide head, for the toy world.
 
 Every stride-2 step pads "same" (3x3 convs and max-pool with padding 1, the 7x7 stem conv with
 padding 3, 1x1 shortcuts),
@@ -44,7 +48,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = ["Student", "STUDENTS", "register_student", "build_student", "list_students",
-           "student_param_groups", "DilatedResNet", "ToyResNet", "ASPPV2Head", "DeepLabV3PlusHead"]
+           "student_param_groups", "DilatedResNet", "ToyResNet", "ASPPV2Head", "DeepLabV3PlusHead", "AllMLPHead",
+           "TimmStudent"]
 
 
 # --------------------------------------------------------------------------------------------- student
@@ -201,6 +206,59 @@ class DeepLabV3PlusHead(nn.Module):
         return self.proj(self.decoder(torch.cat([x, self.low_proj(low)], dim=1)))
 
 
+class AllMLPHead(nn.Module):
+    """SegFormer's all-MLP decoder: each level linearly projected to ``width`` channels (a 1x1 conv),
+    upsampled to the finest level, concatenated, fused by 1x1 conv-BN-ReLU, dropout 0.1, then a plain
+    1x1 conv to D (features of any sign)."""
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int, width: int = 256, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.levels = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
+        self.fuse = _conv_bn_relu(width * len(in_channels), width, 1)
+        self.drop = nn.Dropout2d(dropout)
+        self.proj = nn.Conv2d(width, out_channels, 1)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        size = features[0].shape[-2:]
+        x = [F.interpolate(lin(f), size=size, mode="bilinear", align_corners=False) if f.shape[-2:] != size
+             else lin(f) for lin, f in zip(self.levels, features)]
+        return self.proj(self.drop(self.fuse(torch.cat(x, dim=1))))
+
+
+class TimmStudent(nn.Module):
+    """Any timm model with ``features_only`` as a student: all its feature levels into :class:`AllMLPHead`.
+
+    Same contract as :class:`Student` (``stride``, ``out_channels``, ``backbone``/``head``, pixels in
+    [0, 1] normalised inside with the backbone's own statistics); the output stride is the finest
+    level's (4 for ConvNeXt and Swin), and sizes that are not multiples of the coarsest stride are
+    padded on the right and bottom, then cropped, so any input size works.
+    """
+
+    def __init__(self, backbone: nn.Module, out_channels: int, width: int = 256) -> None:
+        super().__init__()
+        self.backbone = backbone
+        info = backbone.feature_info
+        self.head = AllMLPHead(info.channels(), out_channels, width)
+        self.stride, self.coarsest = info.reduction()[0], info.reduction()[-1]
+        self.out_channels = out_channels
+        self.channels_last = getattr(backbone, "output_fmt", "NCHW") == "NHWC"  # timm's Swin
+        cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        h, w = pixels.shape[-2:]
+        x = (pixels - self.mean) / self.std
+        pad_h, pad_w = (-h) % self.coarsest, (-w) % self.coarsest
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))  # zeros = the mean colour after normalisation
+        feats = self.backbone(x)
+        if self.channels_last:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
+        out = self.head(feats)
+        return out[..., :math.ceil(h / self.stride), :math.ceil(w / self.stride)]
+
+
 # ------------------------------------------------------------------------------------------- registry
 class StudentEntry(NamedTuple):
     factory: Callable[[int], Student]  # out_channels -> randomly initialised student
@@ -222,7 +280,7 @@ def register_student(name: str, default_weights: WeightsEnum | None = None
 
 
 def list_students() -> list[str]:
-    return sorted(STUDENTS)
+    return sorted(STUDENTS) + sorted(TIMM_STUDENTS)
 
 
 @register_student("deeplabv2-r101", ResNet101_Weights.IMAGENET1K_V2)
@@ -266,6 +324,14 @@ def _deeplabv2_toy_os4(out_channels: int) -> Student:
     backbone = ToyResNet(**TOY_WIDTHS, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
     return Student(backbone, ASPPV2Head(backbone.out_channels, out_channels, (2, 4, 6, 8)), stride=4,
                    out_channels=out_channels)
+
+
+TIMM_STUDENTS = {  # name -> (timm model, head width, extra timm kwargs)
+    "mlp-convnext-tiny": ("convnext_tiny", 256, {}),
+    "mlp-swin-tiny": ("swin_tiny_patch4_window7_224", 256, {"strict_img_size": False}),
+    "mlp-swin-base": ("swin_base_patch4_window12_384", 512, {"strict_img_size": False}),
+    "mlp-convnext-atto-toy": ("convnext_atto", 64, {}),  # random init by default (the toy world)
+}
 
 
 @register_student("deeplabv3plus-toy")
@@ -342,8 +408,11 @@ def build_student(name: str, out_channels: int, weights: str | os.PathLike | Non
     toy ones), ``None``/``"none"`` (random init), or a local ``.pth``/``.pt``/``.safetensors`` file
     holding a backbone state dict in torchvision naming. The head is always randomly initialised.
     """
+    if name in TIMM_STUDENTS or name.startswith("timm:"):
+        return build_timm_student(name, out_channels, weights)
     if name not in STUDENTS:
-        raise ValueError(f"unknown student {name!r}; known students: {', '.join(list_students())}")
+        raise ValueError(f"unknown student {name!r}; known students: {', '.join(list_students())}, "
+                         "or timm:NAME for any timm model with features_only")
     entry = STUDENTS[name]
     weights = os.fspath(weights) if weights is not None else None
     state, source = None, None  # fetched before building, so that a missing file fails at once
@@ -362,3 +431,56 @@ def build_student(name: str, out_channels: int, weights: str | os.PathLike | Non
     if state is not None:
         load_backbone_weights(student.backbone, state, source)
     return student
+
+
+def build_timm_student(name: str, out_channels: int, weights: str | os.PathLike | None = "default") -> TimmStudent:
+    """A :class:`TimmStudent`: ``weights`` ``"default"`` = timm's pretrained weights (ImageNet; from the
+    Hugging Face hub, fails fast offline), ``None``/``"none"`` = random, or a local checkpoint file
+    of the timm model (its classifier is dropped)."""
+    import timm
+
+    if name.startswith("timm:"):
+        model_name, width, extra = name[len("timm:"):], 256, {}
+    else:
+        model_name, width, extra = TIMM_STUDENTS[name]
+    if model_name not in timm.list_models():
+        raise ValueError(f"timm has no model {model_name!r} (see timm.list_models())")
+    weights = os.fspath(weights) if weights is not None else None
+    if name == "mlp-convnext-atto-toy" and weights == "default":
+        weights = None
+    kwargs = dict(features_only=True, **extra)
+    if weights is None or weights.lower() == "none":
+        kwargs["pretrained"] = False
+    elif weights == "default":
+        if not _timm_weights_cached(model_name) and not _host_reachable("https://huggingface.co"):
+            raise WeightsUnavailableError(
+                f"cannot download the ImageNet weights of timm's {model_name}: no network connection to "
+                "huggingface.co and no cached copy. Download them on a machine with internet and pass "
+                "--student-weights /path/to/model.safetensors, or --student-weights none to train from scratch")
+        kwargs["pretrained"] = True
+    elif os.path.isfile(weights):
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": weights})
+    else:
+        raise WeightsUnavailableError(f"student weights file not found: {weights} (pass a timm checkpoint file, "
+                                      "'default' or 'none')")
+    try:
+        backbone = timm.create_model(model_name, **kwargs)
+    except RuntimeError as err:  # a file of another model
+        raise ModelNotFoundError(f"student weights {weights} do not fit timm's {model_name}: {err}") from None
+    return TimmStudent(backbone, out_channels, width)
+
+
+def _timm_weights_cached(model_name: str) -> bool:
+    """Whether timm's default weights for ``model_name`` are already in the Hugging Face cache."""
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        hub_id = timm.models.get_pretrained_cfg(model_name).hf_hub_id
+        if not hub_id:
+            return False
+        repo, _, revision = hub_id.partition("@")
+        return any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str)
+                   for f in ("model.safetensors", "pytorch_model.bin"))
+    except Exception:  # noqa: BLE001 - an unknown cache layout means "not cached"
+        return False

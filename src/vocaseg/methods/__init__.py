@@ -66,4 +66,4 @@ def config_from(config_cls, presets: dict, preset: str | None, overrides: dict, 
     return config_cls(**values)
 
 
-from . import clip_rc, maskclip_plus, reclip, segclip  # noqa: E402,F401  (register themselves)
+from . import clip_rc, clipteacher, maskclip_plus, reclip, segclip  # noqa: E402,F401  (register themselves)
