@@ -143,6 +143,8 @@ def test_bank_is_first_in_first_out():
         kept = steps[max(0, i - 2):i + 1]  # the last 3 steps, oldest first
         torch.testing.assert_close(bank.negatives(), torch.cat(kept))
     assert ClsBank(0, 2, 4).negatives().shape == (0, 4)
+    bank.push(steps[0][:1])  # a smaller batch fills part of its slot: no zero vectors among the negatives
+    torch.testing.assert_close(bank.negatives(), torch.cat([steps[3], steps[4], steps[0][:1]]))
 
 
 def test_info_nce_matches_its_formula():

@@ -36,7 +36,9 @@ k-means over the image's ignored tokens, so the masks partition them; a token is
 than half its pixels are; fusion is NMS-like so every centre joins exactly one region (Algorithm 1
 taken literally can put one centre in several); regions are per image; VLA: 2 pre-norm layers, width
 D, FFN 4D, dropout 0.1, a final linear and L2 normalisation; loss weights 1 : 1 : 1 (Eq. 11-12);
-gradients flow through the region weights into the VLA and the prototypes.
+gradients flow through the region weights into the VLA and the prototypes. Under torchrun each
+process computes the InfoNCE over its own share of the batch (the CLS tokens are not gathered) and
+the bank follows rank 0's (DDP broadcasts buffers).
 """
 
 from __future__ import annotations
@@ -106,21 +108,22 @@ class ClsBank(nn.Module):
     def __init__(self, size: int, batch: int, dim: int):
         super().__init__()
         self.register_buffer("slots", torch.zeros(size, batch, dim))
-        self.register_buffer("filled", torch.zeros(size, dtype=torch.bool))
+        self.register_buffer("filled", torch.zeros(size, batch, dtype=torch.bool))
 
     def negatives(self) -> torch.Tensor:
-        return self.slots[self.filled].flatten(0, 1)
+        return self.slots[self.filled]
 
     @torch.no_grad()
     def push(self, embeddings: torch.Tensor) -> None:
-        """The oldest step leaves, ``embeddings`` (B, D) enter (a smaller last batch is zero-padded out)."""
+        """The oldest step leaves, ``embeddings`` (B, D) enter (a smaller batch, e.g. one process's share
+        under DDP, fills part of its slot)."""
         if not len(self.slots):
             return
         b = min(len(embeddings), self.slots.shape[1])
-        entry = torch.zeros_like(self.slots[0])
-        entry[:b] = F.normalize(embeddings[:b].float(), dim=-1)
+        entry, valid = torch.zeros_like(self.slots[0]), torch.zeros_like(self.filled[0])
+        entry[:b], valid[:b] = F.normalize(embeddings[:b].float(), dim=-1), True
         self.slots.copy_(torch.cat([self.slots[1:], entry[None]]))
-        self.filled.copy_(torch.cat([self.filled[1:], self.filled.new_ones(1)]))
+        self.filled.copy_(torch.cat([self.filled[1:], valid[None]]))
 
 
 # ---------------------------------------------------------------------------- pixel learning module
