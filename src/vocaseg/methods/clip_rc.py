@@ -61,7 +61,7 @@ from ..inference import Segmenter
 from ..loading import load_clip
 from ..runs import RunError, clip_identity, find_run, read_run_info, training_record, vocaseg_command, write_run
 from ..training.augment import MMSEG_VOC_COCO, AugmentConfig, JointAugment
-from ..training.loop import Recipe, RunFields, TrainerConfig, train, unwrap
+from ..training.loop import Recipe, RunFields, poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import config_from, register_method
@@ -450,15 +450,6 @@ def make_config(preset: str | None = None, **overrides) -> ClipRcConfig:
     return config_from(ClipRcConfig, PRESETS, preset, overrides, "CLIP-RC")
 
 
-def adamw_poly_config(cfg: ClipRcConfig) -> TrainerConfig:
-    return TrainerConfig(
-        out=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adamw",
-        weight_decay=cfg.weight_decay, schedule="poly", poly_power=cfg.poly_power, min_lr=cfg.min_lr,
-        warmup_steps=cfg.warmup, precision=cfg.precision, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
-        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, log_every=cfg.log_every,
-        resume=cfg.resume, overwrite=cfg.overwrite, progress=cfg.progress)
-
-
 # ---------------------------------------------------------------------------- the recipe
 class ClipRcRecipe(Recipe):
     method = "clip-rc"
@@ -604,6 +595,6 @@ class ClipRcRecipe(Recipe):
 def train_clip_rc(cfg: ClipRcConfig) -> dict:
     """Train (or resume) a CLIP-RC run into ``cfg.out``; returns the trainer's summary."""
     t0 = time.time()
-    summary = train(ClipRcRecipe(cfg), adamw_poly_config(cfg), config_record=asdict(cfg))
+    summary = train(ClipRcRecipe(cfg), poly_config(cfg, "adamw"), config_record=asdict(cfg))
     summary["wall_seconds"] = round(time.time() - t0, 1)
     return summary

@@ -61,7 +61,7 @@ from ..loading import load_clip
 from ..runs import clip_identity, training_record, vocaseg_command, write_run
 from ..students import IMAGENET_MEAN, build_student, student_param_groups
 from ..training.augment import MMSEG_CONTEXT, MMSEG_VOC_COCO, SYNTH_TOY, AugmentConfig, JointAugment
-from ..training.loop import Recipe, RunFields, TrainerConfig, train, unwrap
+from ..training.loop import Recipe, RunFields, poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import config_from, register_method
@@ -471,15 +471,6 @@ def make_config(preset: str | None = None, **overrides) -> ClipTeacherConfig:
     return config_from(ClipTeacherConfig, PRESETS, preset, overrides, "CLIPTeacher")
 
 
-def adamw_poly_config(cfg: ClipTeacherConfig) -> TrainerConfig:
-    return TrainerConfig(
-        out=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adamw",
-        weight_decay=cfg.weight_decay, schedule="poly", poly_power=cfg.poly_power, min_lr=cfg.min_lr,
-        warmup_steps=cfg.warmup, precision=cfg.precision, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
-        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, log_every=cfg.log_every,
-        resume=cfg.resume, overwrite=cfg.overwrite, progress=cfg.progress)
-
-
 # ---------------------------------------------------------------------------- the recipe
 class ClipTeacherRecipe(Recipe):
     method = "clipteacher"
@@ -612,6 +603,6 @@ class ClipTeacherRecipe(Recipe):
 def train_clipteacher(cfg: ClipTeacherConfig, recipe: ClipTeacherRecipe | None = None) -> dict:
     """Train (or resume) a CLIPTeacher run into ``cfg.out``; returns the trainer's summary."""
     t0 = time.time()
-    summary = train(recipe or ClipTeacherRecipe(cfg), adamw_poly_config(cfg), config_record=asdict(cfg))
+    summary = train(recipe or ClipTeacherRecipe(cfg), poly_config(cfg, "adamw"), config_record=asdict(cfg))
     summary["wall_seconds"] = round(time.time() - t0, 1)
     return summary

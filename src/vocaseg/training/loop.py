@@ -307,15 +307,21 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def sgd_poly_config(cfg) -> TrainerConfig:
-    """The trainer settings of a method config with the usual fields (out, steps, lr, ...): SGD with
-    momentum and mmseg's poly schedule, as the segmentation recipes train."""
+def poly_config(cfg, optimizer: str = "sgd") -> TrainerConfig:
+    """The trainer settings of a method config with the usual fields (out, steps, lr, weight_decay,
+    poly_power, min_lr, the run fields; ``momentum`` for SGD, ``warmup`` steps if it has them):
+    mmseg's poly schedule under SGD with momentum (the DeepLab recipes) or AdamW (the transformer ones)."""
     return TrainerConfig(
-        out=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, schedule="poly", poly_power=cfg.poly_power, min_lr=cfg.min_lr,
+        out=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=optimizer,
+        momentum=getattr(cfg, "momentum", 0.9), weight_decay=cfg.weight_decay, schedule="poly",
+        poly_power=cfg.poly_power, min_lr=cfg.min_lr, warmup_steps=getattr(cfg, "warmup", 0),
         precision=cfg.precision, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
         checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, log_every=cfg.log_every,
         resume=cfg.resume, overwrite=cfg.overwrite, progress=cfg.progress)
+
+
+def sgd_poly_config(cfg) -> TrainerConfig:
+    return poly_config(cfg, "sgd")
 
 
 def train(recipe: Recipe, cfg: TrainerConfig, config_record: dict | None = None) -> dict:
