@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--split-set", default="synth_zs")
     p.add_argument("--gammas", nargs="+", type=float, default=[0, 0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8])
     p.add_argument("--select-split", default="val")
-    p.add_argument("--report-splits", nargs="+", default=["test"])
+    p.add_argument("--report-splits", nargs="*", default=["test"])
     p.add_argument("--world-seeds", nargs="+", type=int, default=[0])
     p.add_argument("--limit", type=int, default=None, help="first N scenes of each split")
     p.add_argument("--json", default=None)
