@@ -48,6 +48,21 @@ class Classifier:
         weights = encode_text(names) if names else torch.zeros(0, dim, device=device)
         return cls(weights, torch.tensor(owner, device=weights.device, dtype=torch.long), len(vocab))
 
+    def class_embeddings(self) -> torch.Tensor:
+        """(C, D) one embedding per class: the mean of its names' embeddings, renormalised."""
+        summed = torch.zeros(self.num_classes, self.weights.shape[1], device=self.weights.device)
+        return F.normalize(summed.index_add_(0, self.owner, self.weights.float()), dim=-1)
+
+
+def trained_mask(vocab: Vocabulary, trained_classes, device=None) -> torch.Tensor:
+    """(C,) bool: the classes of ``vocab`` with a name among ``trained_classes`` (a zero-shot run's seen
+    classes, matched by normalised name, so that any vocabulary can be scored with the calibration)."""
+    from .data.datasets import normalise_name
+
+    trained = {normalise_name(n) for n in trained_classes}
+    return torch.tensor([any(normalise_name(n) in trained for n in names) for names in vocab.classes],
+                        dtype=torch.bool, device=device)
+
 
 def class_logits(name_logits: torch.Tensor, classifier: Classifier) -> torch.Tensor:
     """(B, N, h, w) scores per name -> (B, C, h, w) per class, the max over each class's names."""

@@ -54,14 +54,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import CLIPBackbone, vit_embed
-from ..data.datasets import IGNORE_INDEX, DatasetError, SegDataset, build_dataset, normalise_name
-from ..dense import Classifier, DenseModel, full_precision
-from ..evaluation import ZeroShotSplit, evaluate, get_split
+from ..data.datasets import IGNORE_INDEX
+from ..dense import Classifier, DenseModel, full_precision, trained_mask
 from ..inference import Segmenter
 from ..loading import load_clip
 from ..runs import RunError, clip_identity, find_run, read_run_info, training_record, vocaseg_command, write_run
 from ..training.augment import MMSEG_VOC_COCO, AugmentConfig, JointAugment
-from ..training.loop import Recipe, RunFields, poly_config, train, unwrap
+from ..training.loop import SegDatasetRecipe, RunFields, poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import config_from, register_method
@@ -318,14 +317,9 @@ class ClipRcModel(DenseModel):
         """One text embedding per class (its names' embeddings averaged, renormalised: the decoder
         takes one query per class); ``extra["seen"]``: the classes this run was trained on."""
         clf = super().classifier(vocab, encode_text)
-        c = len(vocab)
-        summed = torch.zeros(c, clf.weights.shape[1], device=clf.weights.device).index_add_(
-            0, clf.owner, clf.weights.float())
-        trained = {normalise_name(n) for n in self.trained_classes}
-        seen = torch.tensor([any(normalise_name(n) in trained for n in names) for names in vocab.classes],
-                            device=clf.weights.device)
-        return Classifier(F.normalize(summed, dim=-1), torch.arange(c, device=clf.weights.device), c,
-                          extra={"seen": seen})
+        c, device = len(vocab), clf.weights.device
+        return Classifier(clf.class_embeddings(), torch.arange(c, device=device), c,
+                          extra={"seen": trained_mask(vocab, self.trained_classes, device)})
 
     def forward(self, pixels: torch.Tensor, text: torch.Tensor, recover: bool = False):
         """RGB [0, 1] (B, 3, H, W), text (C, D) -> mask logits (B, C, H/stride, W/stride), recovery loss."""
@@ -451,7 +445,7 @@ def make_config(preset: str | None = None, **overrides) -> ClipRcConfig:
 
 
 # ---------------------------------------------------------------------------- the recipe
-class ClipRcRecipe(Recipe):
+class ClipRcRecipe(SegDatasetRecipe):
     method = "clip-rc"
 
     def __init__(self, cfg: ClipRcConfig):
@@ -459,13 +453,7 @@ class ClipRcRecipe(Recipe):
         # data first: a wrong data root or split fails before any weights are loaded
         self.train_data = self._dataset(cfg.train_split)
         self.vocab = self.train_data.vocabulary
-        n = len(self.vocab)
-        self.split: ZeroShotSplit | None = get_split(cfg.split_set, cfg.dataset) if cfg.split_set else None
-        if self.split is not None:
-            seen, unseen = self.split.masks(self.vocab.names)
-            self.seen, self.unseen = torch.tensor(seen), torch.tensor(unseen)
-        else:
-            self.seen, self.unseen = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        self._zero_shot_split()
         # the classes the model is trained on: the seen ones (inductive), or all of them
         self.classes = self.seen.clone() if cfg.setting == "inductive" else self.seen | self.unseen
         self.init_info = None
@@ -506,11 +494,6 @@ class ClipRcRecipe(Recipe):
                       and self.init_info["model"].get(k) != self.arch[k]]
             if differ:
                 raise RunError(f"--init {self.init_path} was built with other {', '.join(differ)}; use its values")
-
-    def _dataset(self, split: str, length: int | None = None) -> SegDataset:
-        cfg = self.cfg
-        options = {"length": length, "seed": cfg.synth_seed} if cfg.dataset == "synth" else {"length": length}
-        return build_dataset(cfg.dataset, cfg.data_root, split, **options)
 
     # -- what the trainer asks for
     def build(self) -> nn.Module:
@@ -561,21 +544,6 @@ class ClipRcRecipe(Recipe):
         cfg = self.cfg
         options = PRESET_INFERENCE.get(cfg.preset or "", {"mode": "whole", "short_side": cfg.crop})
         return ({**data.protocol} if data is not None else {}) | options
-
-    def evaluate(self, module):
-        cfg = self.cfg
-        if not cfg.eval_images:
-            return {}
-        try:
-            data = self._dataset(cfg.eval_split, length=cfg.eval_images)
-        except DatasetError as err:
-            print(f"no held-out evaluation: {err}")
-            return {}
-        seg = self.clip.with_model(unwrap(module), **self.inference_options(data))
-        result = evaluate(seg, data, self.split, workers=0, batch_images=16, progress=False)
-        keep = ("mIoU", "aAcc", "mIoU_seen", "mIoU_unseen", "hIoU")
-        return {f"{cfg.eval_split}_{k}": round(result[k], 2) for k in keep if k in result} | {
-            f"{cfg.eval_split}_images": result["num_images"]}
 
     def export(self, module, out: Path, summary: dict) -> None:
         cfg = self.cfg

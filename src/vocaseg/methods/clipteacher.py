@@ -53,15 +53,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import CLIPBackbone
-from ..data.datasets import IGNORE_INDEX, DatasetError, SegDataset, build_dataset, normalise_name
-from ..dense import Classifier, DenseModel, class_logits, full_precision
-from ..evaluation import ZeroShotSplit, evaluate, get_split
+from ..data.datasets import IGNORE_INDEX
+from ..dense import Classifier, DenseModel, class_logits, full_precision, trained_mask
 from ..inference import Segmenter
 from ..loading import load_clip
 from ..runs import clip_identity, training_record, vocaseg_command, write_run
 from ..students import IMAGENET_MEAN, build_student, student_param_groups
 from ..training.augment import MMSEG_CONTEXT, MMSEG_VOC_COCO, SYNTH_TOY, AugmentConfig, JointAugment
-from ..training.loop import Recipe, RunFields, poly_config, train, unwrap
+from ..training.loop import SegDatasetRecipe, RunFields, poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import config_from, register_method
@@ -289,10 +288,8 @@ class ClipTeacherModel(DenseModel):
 
     def classifier(self, vocab: Vocabulary, encode_text) -> Classifier:
         clf = super().classifier(vocab, encode_text)
-        trained = {normalise_name(n) for n in self.trained_classes}
-        seen = torch.tensor([any(normalise_name(n) in trained for n in names) for names in vocab.classes],
-                            device=clf.weights.device)
-        return Classifier(clf.weights, clf.owner, clf.num_classes, extra={"seen": seen})
+        return Classifier(clf.weights, clf.owner, clf.num_classes,
+                          extra={"seen": trained_mask(vocab, self.trained_classes, clf.weights.device)})
 
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor, classifier: Classifier) -> torch.Tensor:
@@ -472,7 +469,7 @@ def make_config(preset: str | None = None, **overrides) -> ClipTeacherConfig:
 
 
 # ---------------------------------------------------------------------------- the recipe
-class ClipTeacherRecipe(Recipe):
+class ClipTeacherRecipe(SegDatasetRecipe):
     method = "clipteacher"
 
     def __init__(self, cfg: ClipTeacherConfig):
@@ -480,13 +477,7 @@ class ClipTeacherRecipe(Recipe):
         # data first: a wrong data root or split fails before any weights are loaded
         self.train_data = self._dataset(cfg.train_split)
         self.vocab = self.train_data.vocabulary
-        n = len(self.vocab)
-        self.split: ZeroShotSplit | None = get_split(cfg.split_set, cfg.dataset) if cfg.split_set else None
-        if self.split is not None:
-            seen, unseen = self.split.masks(self.vocab.names)
-            self.seen, self.unseen = torch.tensor(seen), torch.tensor(unseen)
-        else:
-            self.seen, self.unseen = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        self._zero_shot_split()
         if cfg.setting == "supervised":  # the upper bound: every class of the split labelled
             self.seen = self.seen | self.unseen
         pretrained = None if str(cfg.pretrained).lower() == "none" else cfg.pretrained
@@ -514,11 +505,6 @@ class ClipTeacherRecipe(Recipe):
                      "calibration": cfg.calibration if cfg.setting == "inductive" else 0.0,
                      "trained_classes": self.class_names}
 
-    def _dataset(self, split: str, length: int | None = None) -> SegDataset:
-        cfg = self.cfg
-        options = {"length": length, "seed": cfg.synth_seed} if cfg.dataset == "synth" else {"length": length}
-        return build_dataset(cfg.dataset, cfg.data_root, split, **options)
-
     # -- what the trainer asks for
     def build(self) -> nn.Module:
         cfg = self.cfg
@@ -526,9 +512,7 @@ class ClipTeacherRecipe(Recipe):
         model = ClipTeacherModel(student, self.embed_dim, self.arch)
         text = self.clip.classifier(Vocabulary.parse(self.class_names))
         # one embedding per seen class (synonyms averaged, renormalised): the seen classifier in training
-        summed = torch.zeros(len(self.class_names), self.embed_dim, device=text.weights.device).index_add_(
-            0, text.owner, text.weights.float())
-        self.seen_text = F.normalize(summed, dim=-1).to(self.device)
+        self.seen_text = text.class_embeddings().to(self.device)
         return ClipTeacherTraining(model, cfg, self.embed_dim)
 
     def param_groups(self, module):
@@ -572,20 +556,8 @@ class ClipTeacherRecipe(Recipe):
         options = PRESET_INFERENCE.get(self.cfg.preset or "", {"mode": "whole", "short_side": self.cfg.crop})
         return ({**data.protocol} if data is not None else {}) | options
 
-    def evaluate(self, module):
-        cfg = self.cfg
-        if not cfg.eval_images:
-            return {}
-        try:
-            data = self._dataset(cfg.eval_split, length=cfg.eval_images)
-        except DatasetError as err:
-            print(f"no held-out evaluation: {err}")
-            return {}
-        seg = self.clip.with_model(unwrap(module).model, **self.inference_options(data))
-        result = evaluate(seg, data, self.split, workers=0, batch_images=16, progress=False)
-        keep = ("mIoU", "aAcc", "mIoU_seen", "mIoU_unseen", "hIoU")
-        return {f"{cfg.eval_split}_{k}": round(result[k], 2) for k in keep if k in result} | {
-            f"{cfg.eval_split}_images": result["num_images"]}
+    def eval_model(self, module):
+        return unwrap(module).model  # the student alone, as a run folder loads it
 
     def export(self, module, out: Path, summary: dict) -> None:
         cfg = self.cfg

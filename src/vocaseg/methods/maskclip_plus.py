@@ -53,15 +53,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.datasets import IGNORE_INDEX, DatasetError, SegDataset, build_dataset
+from ..data.datasets import IGNORE_INDEX
 from ..dense import Classifier, DenseModel, TrainingFreeModel, class_logits, full_precision
-from ..evaluation import ZeroShotSplit, evaluate, get_split
 from ..inference import Segmenter, prompt_denoising
 from ..loading import load_clip
 from ..runs import clip_identity, training_record, vocaseg_command, write_run
 from ..students import IMAGENET_MEAN, build_student
 from ..training.augment import MMSEG_CONTEXT, MMSEG_VOC_COCO, SYNTH_TOY, AugmentConfig, JointAugment
-from ..training.loop import Recipe, RunFields, sgd_poly_config, train, unwrap
+from ..training.loop import SegDatasetRecipe, RunFields, sgd_poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import config_from, register_method
@@ -267,7 +266,7 @@ def label_function(setting: str, unlabeled: str, seen: torch.Tensor, void_from_g
 
 
 # ---------------------------------------------------------------------------- the recipe
-class MaskClipPlusRecipe(Recipe):
+class MaskClipPlusRecipe(SegDatasetRecipe):
     method = "maskclip-plus"
 
     def __init__(self, cfg: MaskClipPlusConfig):
@@ -276,13 +275,8 @@ class MaskClipPlusRecipe(Recipe):
         # data first: a wrong data root or split fails before any weights are loaded
         self.train_data = self._dataset(cfg.train_split)
         self.vocab = self.train_data.vocabulary
-        self.split: ZeroShotSplit | None = get_split(cfg.split_set, cfg.dataset) if cfg.split_set else None
+        self._zero_shot_split()
         n = len(self.vocab)
-        if self.split is not None:
-            seen, unseen = self.split.masks(self.vocab.names)
-            self.seen, self.unseen = torch.tensor(seen), torch.tensor(unseen)
-        else:
-            self.seen, self.unseen = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
         if cfg.setting == "transductive":
             self.candidates = self.unseen.clone() if cfg.unlabeled == "unseen-gt" else torch.ones(n, dtype=torch.bool)
         else:
@@ -310,11 +304,6 @@ class MaskClipPlusRecipe(Recipe):
         self.text_classifier = self.clip.classifier(self.vocab)  # frozen: computed once, never trained
         self.embed_dim = self.clip.backbone.embed_dim
         self._eval_seg = None
-
-    def _dataset(self, split: str, length: int | None = None) -> SegDataset:
-        cfg = self.cfg
-        options = {"length": length, "seed": cfg.synth_seed} if cfg.dataset == "synth" else {"length": length}
-        return build_dataset(cfg.dataset, cfg.data_root, split, **options)
 
     # -- what the trainer asks for
     def build(self) -> nn.Module:
@@ -364,21 +353,13 @@ class MaskClipPlusRecipe(Recipe):
             scores = torch.stack([prompt_denoising(s, self.cfg.teacher_prompt_denoising) for s in scores])
         return scores
 
-    def evaluate(self, module):
+    def inference_options(self, data=None) -> dict:
+        """The run's inference defaults; with ``data``, how the held-out evaluation runs (the dataset's
+        protocol under the preset's)."""
         cfg = self.cfg
-        if not cfg.eval_images:
-            return {}
-        try:
-            data = self._dataset(cfg.eval_split, length=cfg.eval_images)
-        except DatasetError as err:
-            print(f"no held-out evaluation: {err}")
-            return {}
-        options = {**data.protocol, **PRESET_INFERENCE.get(cfg.preset or "", {})}
-        seg = self.clip.with_model(module, **options)
-        result = evaluate(seg, data, self.split, workers=0, batch_images=16, progress=False)
-        keep = ("mIoU", "aAcc", "mIoU_seen", "mIoU_unseen", "hIoU")
-        return {f"{cfg.eval_split}_{k}": round(result[k], 2) for k in keep if k in result} | {
-            f"{cfg.eval_split}_images": result["num_images"]}
+        if data is None:
+            return PRESET_INFERENCE.get(cfg.preset or "", {"mode": "whole", "short_side": cfg.crop})
+        return {**data.protocol, **PRESET_INFERENCE.get(cfg.preset or "", {})}
 
     def export(self, module, out: Path, summary: dict) -> None:
         cfg = self.cfg
@@ -388,7 +369,7 @@ class MaskClipPlusRecipe(Recipe):
                       "learned_background": cfg.learned_background},
             "classes": self.vocab.names, "dataset": cfg.dataset, "split_set": cfg.split_set,
             "templates": cfg.templates,
-            "inference": PRESET_INFERENCE.get(cfg.preset or "", {"mode": "whole", "short_side": cfg.crop}),
+            "inference": self.inference_options(),
             "config": asdict(cfg), "command": cfg.command or vocaseg_command(),
             **training_record(summary),
         }

@@ -69,16 +69,15 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from ..backbone import CLIPBackbone, _interpolate_grid_embedding
-from ..data.datasets import DatasetError, SegDataset, build_dataset
+from ..data.datasets import SegDataset
 from ..dense import Classifier, DenseModel, class_logits, full_precision
-from ..evaluation import evaluate
 from ..inference import Segmenter
 from ..loading import load_clip
 from ..runs import (RunError, clip_identity, find_run, read_run_info, training_record, vocaseg_command,
                     write_run)
 from ..students import IMAGENET_MEAN, build_student
 from ..training.augment import AugmentConfig, JointAugment
-from ..training.loop import Recipe, RunFields, sgd_poly_config, train, unwrap
+from ..training.loop import SegDatasetRecipe, RunFields, sgd_poly_config, train, unwrap
 from ..training.stream import TrainStream
 from ..vocabulary import Vocabulary
 from . import config_from, register_method
@@ -564,7 +563,7 @@ def make_config(preset: str | None = None, stage: str = "rect", **overrides) -> 
 
 
 # ---------------------------------------------------------------------------- the recipes
-class _ReclipRecipe(Recipe):
+class _ReclipRecipe(SegDatasetRecipe):
     """What both stages share: unlabeled data, the frozen CLIP side, image-level pseudo classes, eval."""
 
     def _setup_data(self):
@@ -587,11 +586,6 @@ class _ReclipRecipe(Recipe):
                              f"{self.side.backbone.stride}")
         self.query = self.clip.classifier(self.vocab)  # W_q: frozen, computed once
         self.present = self._pseudo_classes()
-
-    def _dataset(self, split: str, length: int | None = None) -> SegDataset:
-        cfg = self.cfg
-        options = {"length": length, "seed": cfg.synth_seed} if cfg.dataset == "synth" else {"length": length}
-        return build_dataset(cfg.dataset, cfg.data_root, split, **options)
 
     def _pseudo_classes(self) -> torch.Tensor:
         """Image-level pseudo classes of every training image (N, C) bool, cached in the run folder."""
@@ -657,20 +651,6 @@ class _ReclipRecipe(Recipe):
 
     def param_groups(self, module):
         return [{"params": [p for p in module.parameters() if p.requires_grad]}]
-
-    def evaluate(self, module):
-        cfg = self.cfg
-        if not cfg.eval_images:
-            return {}
-        try:
-            data = self._dataset(cfg.eval_split, length=cfg.eval_images)
-        except DatasetError as err:
-            print(f"no held-out evaluation: {err}")
-            return {}
-        seg = self.clip.with_model(unwrap(module), **self.inference_options(data))
-        result = evaluate(seg, data, None, workers=0, batch_images=16, progress=False)
-        return {f"{cfg.eval_split}_{k}": round(result[k], 2) for k in ("mIoU", "aAcc")} | {
-            f"{cfg.eval_split}_images": result["num_images"]}
 
     def inference_options(self, data=None) -> dict:
         cfg = self.cfg

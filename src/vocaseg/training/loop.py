@@ -152,6 +152,59 @@ class Recipe:
         raise NotImplementedError
 
 
+class SegDatasetRecipe(Recipe):
+    """A recipe that trains on a segmentation dataset named by its config (``dataset``, ``data_root``,
+    ``synth_seed``, ``split_set``, the run fields) and evaluates on its ``eval_split``. Subclasses set
+    ``self.clip`` (a Segmenter on the CLIP's text side) and ``self.vocab``, and give
+    ``inference_options(data)``; ``eval_model(module)`` is what the Segmenter runs."""
+
+    def _dataset(self, split: str, length: int | None = None):
+        from ..data.datasets import build_dataset
+
+        cfg = self.cfg
+        options = {"length": length, "seed": cfg.synth_seed} if cfg.dataset == "synth" else {"length": length}
+        return build_dataset(cfg.dataset, cfg.data_root, split, **options)
+
+    def _zero_shot_split(self) -> None:
+        """``self.split`` (None without ``split_set``) and the (C,) bool ``self.seen`` / ``self.unseen``
+        over ``self.vocab`` (without a split every class is seen)."""
+        from ..evaluation import get_split
+
+        cfg, n = self.cfg, len(self.vocab)
+        self.split = get_split(cfg.split_set, cfg.dataset) if cfg.split_set else None
+        if self.split is not None:
+            seen, unseen = self.split.masks(self.vocab.names)
+            self.seen, self.unseen = torch.tensor(seen), torch.tensor(unseen)
+        else:
+            self.seen, self.unseen = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+
+    def inference_options(self, data=None) -> dict:
+        raise NotImplementedError
+
+    def eval_model(self, module: nn.Module) -> nn.Module:
+        return unwrap(module)
+
+    def evaluate(self, module: nn.Module) -> dict:
+        """mIoU and aAcc (and mIoU(S), mIoU(U), hIoU with a split) on the first ``eval_images`` of the
+        eval split; an eval split that is missing is reported and skipped."""
+        from ..data.datasets import DatasetError
+        from ..evaluation import evaluate
+
+        cfg = self.cfg
+        if not cfg.eval_images:
+            return {}
+        try:
+            data = self._dataset(cfg.eval_split, length=cfg.eval_images)
+        except DatasetError as err:
+            print(f"no held-out evaluation: {err}")
+            return {}
+        seg = self.clip.with_model(self.eval_model(module), **self.inference_options(data))
+        result = evaluate(seg, data, getattr(self, "split", None), workers=0, batch_images=16, progress=False)
+        keep = ("mIoU", "aAcc", "mIoU_seen", "mIoU_unseen", "hIoU")
+        return {f"{cfg.eval_split}_{k}": round(result[k], 2) for k in keep if k in result} | {
+            f"{cfg.eval_split}_images": result["num_images"]}
+
+
 # ---------------------------------------------------------------------------- schedules
 def lr_factor(step: int, cfg: TrainerConfig) -> float:
     """Multiplier of the base lr at 0-based optimizer step ``step``."""
