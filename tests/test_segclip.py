@@ -144,6 +144,15 @@ def test_tower_cut_around_the_module_on_an_open_clip_vit():
     assert not any(n.startswith(("conv1", "positional_embedding", "ln_pre")) for n in names)  # frozen: not here
     with pytest.raises(ValueError, match="group_after"):
         GroupedViT(clip.visual, group_after=4)
+    # the mean-pool option (GroupViT's) changes only the image embedding: the mean of the same region tokens
+    mean_tower = GroupedViT(clip.visual, group_after=2, centres=4, image_pool="mean").eval()
+    mean_tower.group.load_state_dict(tower.group.state_dict())
+    with torch.no_grad():
+        mean_out = mean_tower(pixels)
+        torch.testing.assert_close(mean_out.embeddings[:, 1:], out.embeddings[:, 1:])
+        torch.testing.assert_close(mean_out.embeddings[:, 0], clip.visual.ln_post(regions.mean(1)) @ clip.visual.proj)
+    with pytest.raises(ValueError, match="image_pool"):
+        GroupedViT(clip.visual, group_after=2, image_pool="sum")
 
 
 def test_caption_is_cut_with_its_end_of_text_token_kept(tokenizer):
@@ -614,7 +623,8 @@ def _untrained_centres(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--losses", "contrastive"], ["--losses", "contrastive,superpixel",
                                                                   "--official-batch-mixing", "--kl-form", "paper"],
-                                   ["--cross-attention-blocks", "0", "--centres", "3", "--group-after", "3"]])
+                                   ["--cross-attention-blocks", "0", "--centres", "3", "--group-after", "3",
+                                    "--image-pool", "mean"]])
 def test_ablation_flags_train_and_are_recorded(flags, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "segclip", "--model", str(tiny_model_dir(tmp_path / "m")), *TINY, "--steps", "2",
@@ -627,6 +637,11 @@ def test_ablation_flags_train_and_are_recorded(flags, tmp_path):
             assert str(config[key]) == value, key
     if "--official-batch-mixing" in flags:
         assert info["model"]["official_batch_mixing"] is True
+    if "--image-pool" in flags:  # the run loads with the pooling it was trained with
+        assert info["model"]["image_pool"] == "mean"
+        from vocaseg import Segmenter
+
+        assert Segmenter.from_pretrained(str(out)).trained.tower.image_pool == "mean"
     from safetensors.torch import load_file
 
     assert load_file(str(out / "weights.safetensors"))  # and no reconstruction branch in the model's weights

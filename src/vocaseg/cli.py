@@ -421,7 +421,7 @@ def cmd_train_reclip(args) -> int:
 
 SEGCLIP_OPTIONS = ("model", "pretrained", "dataset", "data_root", "train_images", "twins", "max_words", "losses",
                    "group_after", "centres", "cross_attention_blocks", "gumbel_tau", "official_batch_mixing",
-                   "mask_ratio", "decoder_width", "decoder_depth", "decoder_heads", "kl_form", "patch_labels",
+                   "image_pool", "mask_ratio", "decoder_width", "decoder_depth", "decoder_heads", "kl_form", "patch_labels",
                    "superpixel_scale", "superpixel_sigma", "superpixel_min_size", "stored_side", "steps",
                    "batch_size", "lr", "clip_lr", "weight_decay", "warmup", "templates", "gate_top_k",
                    "background_thresholds", "eval_dataset", "eval_data_root", "eval_split", "eval_images",
@@ -935,6 +935,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cross-attention-blocks", type=int, default=None, metavar="K",
                    help="cross-attention blocks of the centres (default 2)")
     g.add_argument("--gumbel-tau", type=float, default=None, help="Gumbel-softmax temperature (default 0.9)")
+    g.add_argument("--image-pool", choices=("max", "mean"), default=None,
+                   help="the image embedding from the region tokens: max (official, default) or mean (GroupViT's; "
+                        "every region then gets the contrastive loss's gradient)")
     g.add_argument("--official-batch-mixing", action="store_const", const=True, default=None,
                    help="emulate the official cross-attention's mixing of a batch's images (not the method)")
     g.add_argument("--mask-ratio", type=float, default=None, help="reconstruction: share of patches dropped (0.75)")

@@ -74,6 +74,7 @@ from .reclip import hard_gumbel_softmax, text_tower
 LOSSES = ("contrastive", "reconstruction", "superpixel")
 KL_FORMS = ("code", "paper")
 PATCH_LABEL_RULES = ("floor_mean", "majority")
+IMAGE_POOLS = ("max", "mean")
 # Foreground probability below which a pixel is background, recognised by the benchmark's class list
 # (official configs; the paper prints 0.75 for VOC, the released code uses 0.80).
 BACKGROUND_THRESHOLDS = {
@@ -210,9 +211,13 @@ class GroupedViT(nn.Module):
     module's state dict, unless ``full_clip`` (a converted official checkpoint carries them all)."""
 
     def __init__(self, visual: nn.Module, group_after: int, centres: int = 8, cross_attention_blocks: int = 2,
-                 tau: float = 0.9, official_batch_mixing: bool = False, full_clip: bool = False):
+                 tau: float = 0.9, official_batch_mixing: bool = False, full_clip: bool = False,
+                 image_pool: str = "max"):
         super().__init__()
         blocks = visual.transformer.resblocks
+        if image_pool not in IMAGE_POOLS:
+            raise ValueError(f"image_pool must be one of {', '.join(IMAGE_POOLS)}, not {image_pool!r}")
+        self.image_pool = image_pool
         if not 1 <= group_after <= len(blocks):
             raise ValueError(f"group_after must be in [1, {len(blocks)}] for this {len(blocks)}-block tower, "
                              f"got {group_after}")
@@ -243,7 +248,8 @@ class GroupedViT(nn.Module):
         """Region tokens (B, L, D) -> [image; regions] embeddings (B, 1 + L, E)."""
         for block in self.stage3:
             regions = run_block(block, regions, self.batch_first)
-        tokens = torch.cat([regions.max(dim=1, keepdim=True).values, regions], dim=1)
+        image = regions.max(dim=1, keepdim=True).values if self.image_pool == "max" else regions.mean(1, keepdim=True)
+        tokens = torch.cat([image, regions], dim=1)
         return self.ln_post(tokens) @ self.proj
 
     def forward(self, pixels: torch.Tensor) -> TowerOutput:
@@ -329,6 +335,7 @@ class SegClipArch:
     gate_top_k: int = 5
     background_thresholds: dict = field(default_factory=lambda: dict(BACKGROUND_THRESHOLDS["code"]))
     default_background_threshold: float = DEFAULT_BACKGROUND_THRESHOLD
+    image_pool: str = "max"  # how the region tokens become the image embedding: max (official) | mean
 
 
 @register_method("segclip", "CLIP fine-tuned on image-caption pairs with learnable centres that group patches "
@@ -354,7 +361,7 @@ class SegClipModel(DenseModel):
         self.arch = arch
         object.__setattr__(self, "clip", clip)
         self.tower = GroupedViT(clip.visual, arch.group_after, arch.centres, arch.cross_attention_blocks,
-                                arch.gumbel_tau, arch.official_batch_mixing, arch.full_clip)
+                                arch.gumbel_tau, arch.official_batch_mixing, arch.full_clip, arch.image_pool)
         self.text = TextTower(clip, arch.full_clip)
         self.clip_logit_scale = clip.logit_scale
         self.stride, self.image_size, self.embed_dim = backbone.stride, backbone.image_size, backbone.embed_dim
@@ -713,6 +720,7 @@ class SegClipConfig(RunFields):
     cross_attention_blocks: int = 2
     gumbel_tau: float = 0.9
     official_batch_mixing: bool = False
+    image_pool: str = "max"  # max (official) | mean (GroupViT's average): every region gets the loss's gradient
     # reconstruction
     mask_ratio: float = 0.75
     decoder_width: int | None = None  # None: half the tower's width (official)
@@ -749,7 +757,7 @@ class SegClipConfig(RunFields):
         if unknown or "contrastive" not in self.loss_names:
             raise ValueError(f"losses must be contrastive plus any of reconstruction,superpixel (comma-separated), "
                              f"not {self.losses!r}")
-        checks = (("kl_form", KL_FORMS), ("patch_labels", PATCH_LABEL_RULES),
+        checks = (("kl_form", KL_FORMS), ("patch_labels", PATCH_LABEL_RULES), ("image_pool", IMAGE_POOLS),
                   ("background_thresholds", tuple(BACKGROUND_THRESHOLDS)))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
@@ -799,7 +807,7 @@ def make_config(preset: str | None = None, **overrides) -> SegClipConfig:
 def arch_of(cfg: SegClipConfig, full_clip: bool = False) -> SegClipArch:
     return SegClipArch(cfg.group_after, cfg.centres, cfg.cross_attention_blocks, cfg.gumbel_tau,
                        cfg.official_batch_mixing, full_clip, cfg.gate_top_k,
-                       dict(BACKGROUND_THRESHOLDS[cfg.background_thresholds]))
+                       dict(BACKGROUND_THRESHOLDS[cfg.background_thresholds]), image_pool=cfg.image_pool)
 
 
 # ---------------------------------------------------------------------------- the recipe
