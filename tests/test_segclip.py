@@ -2,6 +2,7 @@
 random weights, the released checkpoint's names, the data sources, a short toy training, run folders
 and an exact resume."""
 
+import dataclasses
 import json
 import math
 import tarfile
@@ -677,3 +678,12 @@ def test_paper_preset_runs_on_a_csv_of_pairs(tmp_path):
 
     seg = Segmenter.from_pretrained(str(out))
     assert seg.predict(np.zeros((40, 50, 3), np.uint8), ["cat", "road"]).labels.shape == (40, 50)
+
+
+def test_cpu_preset_is_the_synth_recipe_with_a_cpu_schedule():
+    """synth_cpu is the toy recipe with batch 32 x 600 steps at lr 4e-3 and nothing else changed, so the
+    README's shipped command (preset synth plus those three flags) and the preset give the same run."""
+    cpu = make_config("synth_cpu", out="x")
+    flags = make_config("synth", out="x", batch_size=32, steps=600, lr=4e-3)
+    assert dataclasses.replace(cpu, preset="synth") == flags
+    assert (cpu.batch_size, cpu.steps, cpu.lr, cpu.clip_lr) == (32, 600, 4e-3, 1e-6)

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     model.eval()
     vocab = seg.vocabulary(ds.vocabulary)
     classifier = model.classifier(vocab, seg.encode_text)
-    scale = float(model.contrast_scale())
+    scale = float(model.contrast_scale().detach())
     c = len(vocab.names)
     names = ("run", "run, no gate", "oracle naming", "oracle grouping", "MaskCLIP, GT segments")
     frozen = Segmenter.from_pretrained(args.clip,
