@@ -368,23 +368,52 @@ def _report_training(summary: dict) -> None:
           + (", ".join(f"{k} {v}" for k, v in ev.items()) or "none"))
 
 
-def cmd_train_maskclip_plus(args) -> int:
-    from .methods.maskclip_plus import make_config, train_maskclip_plus
+def _train_method(args, options: tuple[str, ...], make_config, train, *, recipe=None, synth_preset=None,
+                  none_keys: tuple[str, ...] = ("pretrained",), adjust=None, parsed: dict | None = None) -> int:
+    """What every ``vocaseg train METHOD`` does: read the options (a resumed run's own config instead),
+    pick the synth preset for the synthetic world, build the config (and the recipe, which checks the
+    data and models before anything is written), train, and print the summary.
 
-    overrides = {k: getattr(args, k) for k in MCP_OPTIONS}
+    ``parsed``: options the command parsed from text (e.g. "0.5,1"); ``adjust(overrides)``: the method's
+    own normalisation, after resume; ``recipe``: a Recipe class built before training."""
+    overrides = {k: getattr(args, k) for k in options}
+    overrides.update({k: v for k, v in (parsed or {}).items() if v is not None})
     if args.resume:  # a resumed run continues with the configuration it was started with
         overrides = _resumed_config(Path(args.out), overrides, RESUME_CHANGEABLE)
-    if overrides["self_training_from"] is not None and overrides["self_training_from"] <= 0:
-        overrides["self_training_from"] = 10 ** 12  # "never": guided learning throughout
-    _normalise_none(overrides, ("pretrained", "student_weights"))
+    elif synth_preset and args.preset is None and args.dataset in (None, "synth"):
+        args.preset = synth_preset  # the synthetic world trains with the toy recipe's measured values
+    _normalise_none(overrides, none_keys)
+    if adjust:
+        adjust(overrides)
     try:
         preset = _preset_and_command(args, overrides)
         cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
-    except (ValueError, TypeError) as err:
+        built = recipe(cfg) if recipe else None
+    except (ValueError, TypeError, NotImplementedError) as err:
         raise UserError(str(err)) from None
-    summary = train_maskclip_plus(cfg)
-    _report_training(summary)
+    _report_training(train(cfg, built) if recipe else train(cfg))
     return 0
+
+
+def _numbers(text: str | None, kind, flag: str, example: str) -> tuple | None:
+    """'0.5,1' -> (0.5, 1.0) for a comma-separated option, with an error naming the flag."""
+    if not text:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} takes {example}; not {text!r}") from None
+
+
+def cmd_train_maskclip_plus(args) -> int:
+    from .methods.maskclip_plus import make_config, train_maskclip_plus
+
+    def adjust(overrides):
+        if overrides["self_training_from"] is not None and overrides["self_training_from"] <= 0:
+            overrides["self_training_from"] = 10 ** 12  # "never": guided learning throughout
+
+    return _train_method(args, MCP_OPTIONS, make_config, train_maskclip_plus, adjust=adjust,
+                         none_keys=("pretrained", "student_weights"))
 
 
 RECLIP_OPTIONS = ("model", "pretrained", "rect_run", "dataset", "data_root", "train_split", "train_images",
@@ -398,25 +427,18 @@ RECLIP_OPTIONS = ("model", "pretrained", "rect_run", "dataset", "data_root", "tr
 def cmd_train_reclip(args) -> int:
     from .methods.reclip import make_config, train_reclip
 
-    overrides = {k: getattr(args, k) for k in RECLIP_OPTIONS}
-    stage = args.stage
-    if args.resume:  # a resumed run continues with the configuration it was started with
-        overrides = _resumed_config(Path(args.out), overrides, RESUME_CHANGEABLE)
-        stage = overrides.pop("stage", stage)
-    elif stage is None:
+    if not args.resume and args.stage is None:
         raise UserError("say which stage: --stage rect (rectification) or --stage distill --rect-run RUN")
-    _normalise_none(overrides, ("pretrained", "student_weights"))
-    for key in ("distill_prune", "test_pruning"):  # 0 switches the pruning off
-        if overrides.get(key) == 0:
-            overrides[key] = None
-    try:
-        preset = _preset_and_command(args, overrides)
-        cfg = make_config(preset, stage, out=args.out, device=_device(args.device), **overrides)
-    except (ValueError, TypeError) as err:
-        raise UserError(str(err)) from None
-    summary = train_reclip(cfg)
-    _report_training(summary)
-    return 0
+    stage = [args.stage]
+
+    def adjust(overrides):
+        stage[0] = overrides.pop("stage", stage[0])  # a resumed run's own stage
+        for key in ("distill_prune", "test_pruning"):  # 0 switches the pruning off
+            if overrides.get(key) == 0:
+                overrides[key] = None
+
+    return _train_method(args, RECLIP_OPTIONS, lambda preset, **kw: make_config(preset, stage[0], **kw),
+                         train_reclip, adjust=adjust, none_keys=("pretrained", "student_weights"))
 
 
 SEGCLIP_OPTIONS = ("model", "pretrained", "dataset", "data_root", "train_images", "twins", "max_words", "losses",
@@ -432,28 +454,14 @@ SEGCLIP_OPTIONS = ("model", "pretrained", "dataset", "data_root", "train_images"
 def cmd_train_segclip(args) -> int:
     from .methods.segclip import SegClipRecipe, make_config, train_segclip
 
-    overrides = {k: getattr(args, k) for k in SEGCLIP_OPTIONS}
-    if args.crop_scale:
-        try:
-            overrides["crop_scale"] = tuple(float(v) for v in args.crop_scale.split(","))
-        except ValueError:
-            raise UserError(f"--crop-scale takes two numbers, e.g. 0.5,1; not {args.crop_scale!r}") from None
-    if args.resume:  # a resumed run continues with the configuration it was started with
-        overrides = _resumed_config(Path(args.out), overrides, RESUME_CHANGEABLE)
-    elif args.preset is None and args.dataset in (None, "synth"):
-        args.preset = "synth"  # the synthetic world trains with the toy recipe's measured values
-    _normalise_none(overrides, ("pretrained", "eval_dataset"))
-    if overrides.get("eval_dataset") == "none":
-        overrides["eval_images"] = 0
-    try:
-        preset = _preset_and_command(args, overrides)
-        cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
-        recipe = SegClipRecipe(cfg)  # checks the data and the model before anything is written
-    except (ValueError, TypeError) as err:
-        raise UserError(str(err)) from None
-    summary = train_segclip(cfg, recipe)
-    _report_training(summary)
-    return 0
+    def adjust(overrides):
+        if overrides.get("eval_dataset") == "none":
+            overrides["eval_images"] = 0
+
+    crop = _numbers(args.crop_scale, float, "--crop-scale", "two numbers, e.g. 0.5,1")
+    return _train_method(args, SEGCLIP_OPTIONS, make_config, train_segclip, recipe=SegClipRecipe,
+                         synth_preset="synth", none_keys=("pretrained", "eval_dataset"), adjust=adjust,
+                         parsed={"crop_scale": crop})
 
 
 CLIP_RC_OPTIONS = ("setting", "init", "model", "pretrained", "dataset", "data_root", "train_split", "split_set",
@@ -467,21 +475,9 @@ CLIP_RC_OPTIONS = ("setting", "init", "model", "pretrained", "dataset", "data_ro
 def cmd_train_clip_rc(args) -> int:
     from .methods.clip_rc import make_config, train_clip_rc
 
-    overrides = {k: getattr(args, k) for k in CLIP_RC_OPTIONS}
-    if args.resume:  # a resumed run continues with the configuration it was started with
-        overrides = _resumed_config(Path(args.out), overrides, RESUME_CHANGEABLE)
-    elif args.preset is None and args.dataset in (None, "synth"):
-        # the synthetic world trains with the toy recipe (its transductive variant with --init)
-        args.preset = "synth_trans" if args.setting == "transductive" else "synth"
-    _normalise_none(overrides, ("pretrained",))
-    try:
-        preset = _preset_and_command(args, overrides)
-        cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
-    except (ValueError, TypeError) as err:
-        raise UserError(str(err)) from None
-    summary = train_clip_rc(cfg)
-    _report_training(summary)
-    return 0
+    # the synthetic world trains with the toy recipe (its transductive variant with --init)
+    synth = "synth_trans" if args.setting == "transductive" else "synth"
+    return _train_method(args, CLIP_RC_OPTIONS, make_config, train_clip_rc, synth_preset=synth)
 
 
 CLIPTEACHER_OPTIONS = ("setting", "model", "pretrained", "dataset", "data_root", "train_split", "split_set",
@@ -496,26 +492,10 @@ CLIPTEACHER_OPTIONS = ("setting", "model", "pretrained", "dataset", "data_root",
 def cmd_train_clipteacher(args) -> int:
     from .methods.clipteacher import ClipTeacherRecipe, make_config, train_clipteacher
 
-    overrides = {k: getattr(args, k) for k in CLIPTEACHER_OPTIONS}
-    if args.kmeans_windows:
-        try:
-            overrides["kmeans_windows"] = tuple(int(v) for v in args.kmeans_windows.split(","))
-        except ValueError:
-            raise UserError(f"--kmeans-windows takes block counts, e.g. 3,7; not {args.kmeans_windows!r}") from None
-    if args.resume:  # a resumed run continues with the configuration it was started with
-        overrides = _resumed_config(Path(args.out), overrides, RESUME_CHANGEABLE)
-    elif args.preset is None and args.dataset in (None, "synth"):
-        args.preset = "synth"  # the synthetic world trains with the toy recipe
-    _normalise_none(overrides, ("pretrained", "student_weights"))
-    try:
-        preset = _preset_and_command(args, overrides)
-        cfg = make_config(preset, out=args.out, device=_device(args.device), **overrides)
-        recipe = ClipTeacherRecipe(cfg)  # checks the data, split and models before anything is written
-    except (ValueError, TypeError, NotImplementedError) as err:
-        raise UserError(str(err)) from None
-    summary = train_clipteacher(cfg, recipe)
-    _report_training(summary)
-    return 0
+    windows = _numbers(args.kmeans_windows, int, "--kmeans-windows", "block counts, e.g. 3,7")
+    return _train_method(args, CLIPTEACHER_OPTIONS, make_config, train_clipteacher, recipe=ClipTeacherRecipe,
+                         synth_preset="synth", none_keys=("pretrained", "student_weights"),
+                         parsed={"kmeans_windows": windows})
 
 
 def cmd_convert_segclip(args) -> int:
