@@ -75,6 +75,21 @@ def sigkill_after_step(argv: list[str], out: Path, step: int = 2, timeout: float
     return saved_step(out)
 
 
+def assert_sigkill_resume_is_exact(argv: list[str], tmp_path: Path, steps: int = 6) -> None:
+    """``vocaseg *argv`` (a ``train METHOD`` command of ``steps`` steps that checkpoints every step) run
+    straight, and again SIGKILLed mid-run then resumed with ``--resume``: the final weights are identical."""
+    from safetensors.torch import load_file
+
+    from vocaseg.cli import main
+
+    assert main(argv + ["--out", str(tmp_path / "straight")]) == 0
+    killed = tmp_path / "killed"
+    assert 2 <= sigkill_after_step(argv, killed) < steps and not (killed / "weights.safetensors").exists()
+    assert main(argv[:2] + ["--out", str(killed), "--resume"]) == 0
+    a, b = load_file(str(tmp_path / "straight" / "weights.safetensors")), load_file(str(killed / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def torchrun_cli(argv: list[str], out: Path, processes: int = 2, timeout: float = 600) -> None:
     """Run ``vocaseg *argv --out out`` under ``torchrun`` with ``processes`` CPU processes; fails the test
     with the end of their stderr when it fails."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import sigkill_after_step, tiny_clip
+from conftest import assert_sigkill_resume_is_exact, tiny_clip
 from vocaseg.cli import main
 from vocaseg.methods.clip_rc import (PRESETS, ClipRcModel, PromptedEncoder, RegionDecoder, focal_dice_loss,
                                      region_index, rlb_attention_mask)
@@ -289,16 +289,9 @@ def test_errors_name_the_problem(toy_run, tmp_path, capsys):
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
-    from safetensors.torch import load_file
-
     args = ["train", "clip-rc", "--crop", "48", "--decoder-heads", "4", "--decoder-ffn", "64", "--eval-images", "0",
             "--steps", "6", "--batch-size", "2", "--checkpoint-every", "1"]
-    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
-    killed = tmp_path / "killed"
-    assert 2 <= sigkill_after_step(args, killed) < 6 and not (killed / "weights.safetensors").exists()
-    assert main(["train", "clip-rc", "--out", str(killed), "--resume"]) == 0
-    a, b = load_file(str(tmp_path / "straight" / "weights.safetensors")), load_file(str(killed / "weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_sigkill_resume_is_exact(args, tmp_path)
 
 
 # ---------------------------------------------------------------------------- presets for real data

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import sigkill_after_step
+from conftest import assert_sigkill_resume_is_exact
 from vocaseg.cli import main
 from vocaseg.methods.clipteacher import (PRESETS, ClipTeacherModel, ClsBank, fuse_centres, glm_pool, ignored_tokens,
                                          info_nce, initial_centres, multiscale_kmeans, potential_regions, prototypes)
@@ -289,16 +289,9 @@ def test_ablations_build_what_they_say(tmp_path):
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
-    from safetensors.torch import load_file
-
     args = ["train", "clipteacher", "--crop", "48", "--eval-images", "0", "--steps", "6", "--batch-size", "2",
             "--checkpoint-every", "1", "--bank-size", "2"]
-    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
-    killed = tmp_path / "killed"
-    assert 2 <= sigkill_after_step(args, killed) < 6 and not (killed / "weights.safetensors").exists()
-    assert main(["train", "clipteacher", "--out", str(killed), "--resume"]) == 0
-    a, b = load_file(str(tmp_path / "straight" / "weights.safetensors")), load_file(str(killed / "weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_sigkill_resume_is_exact(args, tmp_path)
 
 
 def test_errors_name_the_problem(tmp_path, capsys):

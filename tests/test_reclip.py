@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import sigkill_after_step, tiny_clip
+from conftest import assert_sigkill_resume_is_exact, tiny_clip
 from vocaseg.cli import main
 from vocaseg.dense import Classifier
 from vocaseg.methods.reclip import (PRESETS, PositionBias, ReclipRectified, ReferencePrompt, _ClipSide,
@@ -229,19 +229,12 @@ def test_distill_gradients_flow_through_all_three_losses(rect_run, tmp_path):
 
 @pytest.mark.parametrize("stage", ["rect", "distill"])
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(stage, rect_run, tmp_path):
-    from safetensors.torch import load_file
-
     args = ["train", "reclip", "--pretrained", "none", "--templates", "plain", "--train-images", "12",
             "--eval-images", "0", "--crop", "64", "--stage", stage, "--steps", "6", "--batch-size", "2",
             "--checkpoint-every", "1", "--student-weights", "none"]
     if stage == "distill":
         args += ["--rect-run", str(rect_run)]
-    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
-    killed = tmp_path / "killed"
-    assert 2 <= sigkill_after_step(args, killed) < 6 and not (killed / "weights.safetensors").exists()
-    assert main(["train", "reclip", "--out", str(killed), "--resume"]) == 0
-    a, b = load_file(str(tmp_path / "straight" / "weights.safetensors")), load_file(str(killed / "weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_sigkill_resume_is_exact(args, tmp_path)
 
 
 # ---------------------------------------------------------------------------- presets for real data

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import sigkill_after_step, tiny_clip, torchrun_cli
+from conftest import assert_sigkill_resume_is_exact, tiny_clip, torchrun_cli
 from vocaseg.cli import main
 from vocaseg.dense import Classifier
 from vocaseg.methods.segclip import (Felzenszwalb, GroupedViT, ReconstructionBranch, SegClipArch, SegClipModel,
@@ -580,17 +580,10 @@ def test_param_groups_two_learning_rates_and_no_decay_on_biases(tmp_path):
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     """Bit-exact on CPU: data order, crops, masks and Gumbel noise all continue where they stopped."""
-    from safetensors.torch import load_file
-
     model = tiny_model_dir(tmp_path / "m")
     args = ["train", "segclip", "--model", str(model), *TINY, "--steps", "6", "--batch-size", "2",
             "--checkpoint-every", "1"]
-    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
-    killed = tmp_path / "killed"
-    assert 2 <= sigkill_after_step(args, killed) < 6 and not (killed / "weights.safetensors").exists()
-    assert main(["train", "segclip", "--out", str(killed), "--resume"]) == 0
-    a, b = load_file(str(tmp_path / "straight" / "weights.safetensors")), load_file(str(killed / "weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_sigkill_resume_is_exact(args, tmp_path)
 
 
 @pytest.mark.slow  # about 20 s: two torchrun processes
