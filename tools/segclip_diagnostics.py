@@ -56,6 +56,7 @@ def main(argv=None) -> int:
                                        method="maskclip", templates=ds.templates, **ds.protocol)
     frozen_text = frozen.encode_text(vocab.names)
     matrices = {k: ConfusionMatrix(c) for k in names}
+    tower = model.tower
     used, purity_hits, pixels_total, gate_hits, gate_total = [], 0, 0, 0, 0
     with torch.no_grad():
         for i in range(len(ds)):
@@ -63,11 +64,12 @@ def main(argv=None) -> int:
             label = torch.from_numpy(sample.label).long()
             pixels = torch.from_numpy(sample.image).permute(2, 0, 1)[None].float() / 255
             x = (pixels - model.mean) / model.std
-            tower = model.tower
             matrices["run"].update(model.logits(pixels, classifier).argmax(1)[0], label)
-            out = tower(x)
-            emb = F.normalize(out.embeddings.float(), dim=-1)
-            soft = out.grouping.logits.float().softmax(1).reshape(1, -1, *out.grid)
+            patches, grid = tower.patches(x)
+            feats = tower.encode_patches(patches)  # blocks before the module, once for all the rows below
+            grouping = tower.group(feats)
+            emb = F.normalize(tower.head(grouping.regions).float(), dim=-1)
+            soft = grouping.logits.float().softmax(1).reshape(1, -1, *grid)
             soft = F.interpolate(soft, size=label.shape, mode="bilinear", align_corners=False)
             centre = soft.argmax(1)[0]  # (H, W)
             scores = region_class_scores(emb[:, 1:], emb[:, 0], classifier, scale, 0)[0]  # (L, C), no gate
@@ -87,26 +89,18 @@ def main(argv=None) -> int:
             gate_hits += int((image_scores[present] > 0).sum())
             # oracle grouping: each GT segment pooled as a region (its patches: those it covers over half,
             # else the one it covers most), with the centre most of its patches go to as the query
-            feats = tower.encode_patches(tower.patches(x)[0])
-            group = tower.group
-            normed = group.norm_in(feats)
-            values = group.value_proj(normed.transpose(1, 2)).transpose(1, 2)[0]  # (N, D)
-            centres = group.centres.expand(1, -1, -1)
-            for block in group.cross_attention:
-                centres = block(centres, feats)
-            centres = group.norm_centres(centres)[0]
-            keys = group.norm_key(group.key_proj(normed.transpose(1, 2)).transpose(1, 2))[0]
-            home = (centres @ keys.T).argmax(0)  # (N,)
+            centres, _, values = (t[0] for t in tower.group.centres_keys_values(feats))
+            home = grouping.logits[0].argmax(0)  # (N,) each patch's centre
             segs = present.tolist()
             onehot = F.one_hot(label.masked_fill(~valid, 0), c).permute(2, 0, 1)[None].float() * valid
-            cover = F.adaptive_avg_pool2d(onehot, out.grid)[0].flatten(1)  # (C, N)
+            cover = F.adaptive_avg_pool2d(onehot, grid)[0].flatten(1)  # (C, N)
             regions = []
             for s_ in segs:
                 member = cover[s_] > 0.5
                 if not member.any():
                     member = cover[s_] == cover[s_].max()
-                regions.append(centres[home[member].mode().values] + values[member].mean(0))
-            regions = group.out_act(group.out_mlp(group.out_norm(torch.stack(regions))))[None]
+                regions.append(tower.group.regions_from(centres[home[member].mode().values], values[member].mean(0)))
+            regions = torch.stack(regions)[None]
             emb_gt = F.normalize(tower.head(regions).float(), dim=-1)
             scores = region_class_scores(emb_gt[:, 1:], emb_gt[:, 0], classifier, scale, model.arch.gate_top_k)[0]
             pred = label.clone()

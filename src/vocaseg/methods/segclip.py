@@ -170,17 +170,25 @@ class SemanticGroup(nn.Module):
     def num_centres(self) -> int:
         return self.centres.shape[0]
 
+    def centres_keys_values(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """patches (B, N, D) -> the centres after their cross-attention (B, L, D), and the patches' keys
+        and values (B, N, D)."""
+        normed = self.norm_in(patches)
+        centres = self.centres.to(patches.dtype).expand(patches.shape[0], -1, -1)
+        for block in self.cross_attention:
+            centres = block(centres, patches, self.official_batch_mixing)
+        keys = self.norm_key(self.key_proj(normed.transpose(1, 2)).transpose(1, 2))
+        values = self.value_proj(normed.transpose(1, 2)).transpose(1, 2)
+        return self.norm_centres(centres), keys, values
+
+    def regions_from(self, centres: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Centres and their pooled patch values -> region tokens (no residual, as the official module)."""
+        return self.out_act(self.out_mlp(self.out_norm(centres + pooled)))
+
     def forward(self, patches: torch.Tensor, gumbel: torch.Tensor | None = None) -> Grouping:
         """patches (B, N, D); ``gumbel``: the training noise (B, L, N), standard Gumbel (None: drawn
         from the global RNG)."""
-        b = patches.shape[0]
-        normed = self.norm_in(patches)
-        centres = self.centres.to(patches.dtype).expand(b, -1, -1)
-        for block in self.cross_attention:
-            centres = block(centres, patches, self.official_batch_mixing)
-        centres = self.norm_centres(centres)
-        keys = self.norm_key(self.key_proj(normed.transpose(1, 2)).transpose(1, 2))
-        values = self.value_proj(normed.transpose(1, 2)).transpose(1, 2)
+        centres, keys, values = self.centres_keys_values(patches)
         logits = torch.einsum("bld,bnd->bln", centres, keys)  # no 1/sqrt(D), as the official module
         if self.training:  # hard Gumbel-softmax over the centres: softmax((A + g) / tau), straight-through
             if gumbel is None:
@@ -190,8 +198,7 @@ class SemanticGroup(nn.Module):
         else:
             assignment = F.one_hot(logits.argmax(1), self.num_centres).transpose(1, 2).to(logits.dtype)
         pooled = torch.einsum("bln,bnd->bld", assignment, values) / assignment.sum(-1, keepdim=True).clamp_min(1.0)
-        regions = self.out_act(self.out_mlp(self.out_norm(centres + pooled)))  # no residual (official)
-        return Grouping(regions, assignment, logits)
+        return Grouping(self.regions_from(centres, pooled), assignment, logits)
 
 
 # ---------------------------------------------------------------------------- the towers
