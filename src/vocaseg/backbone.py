@@ -76,9 +76,31 @@ def vit_embed(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, to
     return x, cls, grid
 
 
+def _plain_block(block: nn.Module) -> bool:
+    """open_clip's default pre-norm block with a self-attention ``nn.MultiheadAttention`` (what CLIP ViTs use)."""
+    attn = getattr(block, "attn", None)
+    return (type(block).__name__ == "ResidualAttentionBlock" and isinstance(attn, nn.MultiheadAttention)
+            and attn._qkv_same_embed_dim and attn.in_proj_bias is not None and not hasattr(block, "ln_1_kv"))
+
+
 def run_block(block: nn.Module, x: torch.Tensor, batch_first: bool = True) -> torch.Tensor:
-    """One residual block on batch-first tokens, whichever layout the tower's blocks expect."""
-    return block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+    """One residual block on batch-first tokens, whichever layout the tower's blocks expect.
+
+    open_clip's default block is computed here with ``scaled_dot_product_attention``, which is the
+    same arithmetic as its ``nn.MultiheadAttention`` but never holds the (tokens x tokens) attention
+    matrix: a fused kernel on the CPU as on the GPU (torch's inference fast path for
+    ``MultiheadAttention`` forms the matrix with batched matmuls, and large window batches then
+    spend a third of their time there); any other block runs as it is."""
+    if not _plain_block(block):
+        return block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+    attn = block.attn
+    b, n, c = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+    x = x + block.ls_1(attn.out_proj(mixed))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def vit_tokens(visual: nn.Module, pixels: torch.Tensor, stop: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -130,7 +152,25 @@ class CLIPBackbone(nn.Module):
     # ----------------------------------------------------------------- text
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+        """(N, context) token ids -> (N, D) float32, L2-normalised: ``clip.encode_text``, run only up to
+        the batch's longest prompt where that is the same computation (a causal text tower pooled at
+        the end-of-text token, whose position is the argmax of the ids): the padding after it cannot
+        reach the pooled token, and prompts are mostly much shorter than the 77-token context."""
+        clip = self.clip
+        trims = (getattr(clip, "text_pool_type", None) == "argmax" and getattr(clip, "attn_mask", None) is not None
+                 and hasattr(clip, "token_embedding") and hasattr(clip, "ln_final"))
+        if not trims:
+            return F.normalize(clip.encode_text(tokens).float(), dim=-1)
+        end = tokens.argmax(dim=-1)
+        length = int(end.max()) + 1
+        cast = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(tokens[:, :length]).to(cast) + clip.positional_embedding[:length].to(cast)
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+        x = x[torch.arange(len(x), device=x.device), end]
+        proj = clip.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return F.normalize(x.float(), dim=-1)
 
     # ----------------------------------------------------------------- image
     @torch.no_grad()

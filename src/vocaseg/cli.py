@@ -72,7 +72,8 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16")
     g.add_argument("--logit-scale", type=float, default=None, help="softmax temperature on cosines (default 40)")
     g.add_argument("--prob-threshold", type=float, default=None, help="pixels below this probability -> background")
     g.add_argument("--area-threshold", type=float, default=None, help="drop classes covering less than this share")
-    g.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass (default 16 on a CPU, 128 on a GPU)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"], default="auto",
                    help="auto: bf16 on a GPU, fp32 on the CPU; int8: dynamic int8 image tower on the CPU "
                         "(training-free methods)")
@@ -611,10 +612,11 @@ def cmd_bench(args) -> int:
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         try:
-            run_bench(model=args.model, device=device, images=args.images, batch_size=args.batch_size,
+            run_bench(model=args.model, device=device, images=args.images, batch_sizes=tuple(args.batch_size),
                       precisions=tuple(args.precision), threads=args.threads, baseline=args.baseline,
-                      json_path=_per_device(args.json, device, len(devices) > 1),
-                      settings=args.setting)
+                      json_path=_per_device(args.json, device, len(devices) > 1), settings=args.setting,
+                      images_per_call=args.images_per_call, text=args.text, eval_images=args.eval_images,
+                      eval_dir=args.eval_dir, workers=args.workers, batch_images=args.batch_images)
         except (ValueError, NotImplementedError) as err:
             raise UserError(str(err)) from None
     return 0
@@ -1192,11 +1194,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  vocaseg bench --precision fp32 int8                     # the CPU's int8 path against fp32\n"
         "  vocaseg bench --device cuda --baseline --json gpu.json  # + the per-window loop of the official code\n"
-        "  vocaseg bench --model toy --images 32")
+        "  vocaseg bench --model toy --images 32\n"
+        "  vocaseg bench --device cuda --batch-size 64 128 256 --text --eval-images 2000 --workers 14")
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--device", default=None, help="default: CPU, then CUDA if present")
     p.add_argument("--images", type=int, default=None, help="images per measurement (default: 8 on a CPU, 512 on a GPU)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward (default 16)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[None], metavar="N",
+                   help="windows per forward, one or more (default: 16 on a CPU, 128 on a GPU)")
+    p.add_argument("--images-per-call", type=int, default=64, metavar="N",
+                   help="images handed to the segmenter at a time, as eval's --batch-images (default 64)")
     p.add_argument("--precision", nargs="+", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=["auto"],
                    help="one or more; ratios are to the first (default auto: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--setting", nargs="+", choices=["sclip slide 336/224/112", "whole image 336"], default=None,
@@ -1205,6 +1211,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the official code's way: one window at a time in a Python loop (fp16 on a GPU)")
     p.add_argument("--json", default=None, metavar="FILE", help="write every number, the device and versions here")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--text", action="store_true",
+                   help="also time cold text embeddings: 171 new class names x the 85 MaskCLIP templates")
+    p.add_argument("--eval-images", type=int, default=0, metavar="N",
+                   help="also time `vocaseg eval` end to end over a folder dataset of N generated 500x375 JPEGs, "
+                   "and its data loading alone")
+    p.add_argument("--eval-dir", default=None, help="where that dataset is written (default: a temporary folder)")
+    p.add_argument("--workers", type=int, default=8, help="eval's data loading processes (default 8)")
+    p.add_argument("--batch-images", type=int, default=64, help="eval's images per batch (default 64)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -83,11 +83,17 @@ class ConfusionMatrix:
             raise ValueError(f"prediction shape {tuple(pred.shape)} differs from ground truth {tuple(target.shape)}")
         pred = pred.to(self.matrix.device, torch.int64).flatten()
         target = target.to(self.matrix.device, torch.int64).flatten()
-        keep = target != self.ignore_index
-        pred, target = pred[keep], target[keep]
-        pred = torch.where((pred >= 0) & (pred < self.num_classes), pred, torch.full_like(pred, self.num_classes))
-        n = self.num_classes + 1
-        self.matrix += torch.bincount(target * n + pred, minlength=self.num_classes * n).view(self.num_classes, n)
+        c, n = self.num_classes, self.num_classes + 1
+        pred = torch.where((pred >= 0) & (pred < c), pred, c)
+        # ignored pixels go to one extra bin past the matrix, dropped below: no boolean indexing,
+        # whose data-dependent size would make the host wait for the GPU at every image
+        index = torch.where((target != self.ignore_index) & (target >= 0) & (target < c), target * n + pred, c * n)
+        if index.is_cuda and index.numel() < 1 << 24:  # float32 counts are exact below 2**24
+            # histc has a fixed number of bins; bincount must first read the maximum back to the host
+            counts = torch.histc(index.float(), bins=c * n + 1, min=0, max=c * n + 1).long()
+        else:
+            counts = torch.bincount(index, minlength=c * n + 1)
+        self.matrix += counts[: c * n].view(c, n)
 
     def all_reduce(self) -> None:
         """Sum the matrices of all processes (torchrun / torch.distributed)."""
@@ -212,7 +218,10 @@ def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_image
         results = segmenter.segment_arrays([s.image for s in samples], vocab)
         for sample, res in zip(samples, results):
             pred = res.labels_tensor()
-            cm.update(pred, torch.from_numpy(sample.label))
+            target = torch.from_numpy(sample.label)
+            if pred.is_cuda:  # a pinned, asynchronous copy: the host queues the next batch meanwhile
+                target = target.pin_memory().to(pred.device, non_blocking=True)
+            cm.update(pred, target)
             if on_image is not None:
                 on_image(sample, pred)
             if out_dir:

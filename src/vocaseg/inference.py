@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .backbone import KEY_KINDS, RULES, CLIPBackbone
 from .dense import REFINE_TEMPERATURE, Classifier, DenseModel, TrainingFreeModel
 from .images import ImageInput, read_image
-from .vocabulary import TextEmbeddingCache, Vocabulary, resolve_templates
+from .vocabulary import TextEmbeddingCache, Vocabulary, resolve_templates, tokenize_prompts
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -69,7 +69,7 @@ class InferenceConfig:
     key_smoothing_mode: str = "official"
     prompt_denoising: float | None = None
     pamr: bool = False
-    batch_size: int = 16
+    batch_size: int | None = None  # windows per forward; None: 16 on a CPU, 128 on a GPU
     # auto: bf16 autocast on CUDA, float32 on CPU; or fp32 / bf16 / fp16; int8: the CPU's dynamic
     # int8 quantisation of the image tower's Linears (training-free methods, ViT towers; quantize.py)
     precision: str = "auto"
@@ -161,11 +161,37 @@ def upsample_and_label(logits: torch.Tensor, size: tuple[int, int], logit_scale:
         p = torch.softmax(logit_scale * strip, dim=0)
         conf, lab = p.max(0)
         if prob_threshold is not None and background_index is not None:
-            lab[conf < prob_threshold] = background_index
+            lab = lab.masked_fill(conf < prob_threshold, background_index)
         labels[r0:r1] = lab
         if probs is not None:
             probs[:, r0:r1] = p
     return labels, probs
+
+
+def label_batch(logits: torch.Tensor, size: tuple[int, int], logit_scale: float, prob_threshold: float | None,
+                background_index: int | None, max_elements: int = 1 << 26) -> torch.Tensor | None:
+    """Labels of same-size images at once: (N, C, h, w) -> (N, H, W) int64, as :func:`upsample_and_label`
+    gives one by one (argmax of the upsampled scores; the softmax only when a probability threshold
+    needs it). None when the upsampled scores would exceed ``max_elements`` (huge images keep the
+    lazy, strip-wise path)."""
+    n, c = logits.shape[:2]
+    per_image = c * size[0] * size[1]
+    if per_image > max_elements:
+        return None
+    out = []
+    step = max(1, max_elements // per_image)
+    for s in range(0, n, step):
+        part = logits[s:s + step].float()
+        if not part.is_cuda:  # class-innermost memory: the CPU's reduction over classes is 7x faster
+            part = part.contiguous(memory_format=torch.channels_last)
+        up = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
+        if prob_threshold is not None and background_index is not None:
+            conf, lab = torch.softmax(logit_scale * up, dim=1).max(1)
+            lab = lab.masked_fill(conf < prob_threshold, background_index)
+        else:
+            lab = up.argmax(1)
+        out.append(lab)
+    return torch.cat(out)
 
 
 def resize_short_side(h: int, w: int, short: int | None, max_long: int) -> tuple[int, int]:
@@ -251,6 +277,7 @@ class Segmenter:
         self.text_cache = TextEmbeddingCache(cache_dir, enabled=model_id is not None)
         self.trained = model.to(self.device).eval() if model is not None else None  # a trained method, if any
         self._models: dict = {}  # training-free models by (rule, key smoothing), shared by with_options views
+        self._classifiers: dict = {}  # their text sides by vocabulary, shared likewise
         self.method = method or (model.name if model is not None else "maskclip")
         self.model  # noqa: B018 - fail now on an unknown method or a rule the tower cannot run
 
@@ -349,11 +376,11 @@ class Segmenter:
             else:
                 out[i] = hit.to(self.device)
         if missing:
-            prompts = [t.format(name) for _, name, _ in missing for t in self.templates]
+            tokens = tokenize_prompts(self.tokenizer, self.templates, [name for _, name, _ in missing])
+            chunk = 2048 if self.device.type == "cuda" else 256
             feats = []
-            for start in range(0, len(prompts), 256):
-                tokens = self.tokenizer(prompts[start:start + 256]).to(self.device)
-                feats.append(self.backbone.encode_text(tokens))
+            for start in range(0, len(tokens), chunk):
+                feats.append(self.backbone.encode_text(tokens[start:start + chunk].to(self.device, non_blocking=True)))
             feats = torch.cat(feats).view(len(missing), len(self.templates), -1)
             emb = F.normalize(feats.mean(1), dim=-1)
             for (i, _, key), e in zip(missing, emb):
@@ -406,94 +433,169 @@ class Segmenter:
         return self.segment_arrays(arrays, vocab)
 
     def classifier(self, vocab: Vocabulary) -> Classifier:
-        """The model's text side for ``vocab`` (text embeddings come from the cache when they can)."""
-        return self.model.classifier(vocab, self.encode_text)
+        """The model's text side for ``vocab`` (text embeddings come from the cache when they can).
 
-    def _window_logits(self, pixels: torch.Tensor, classifier: Classifier) -> torch.Tensor:
-        """(B,3,H,W) RGB windows in [0, 1] -> (B, C, H, W) scores, upsampled to the window's pixels."""
+        A frozen CLIP's is kept per vocabulary (a few), so a stream of batches builds it once; a
+        trained model's is rebuilt every call, since training may change it."""
+        model = self.model
+        if not isinstance(model, TrainingFreeModel):
+            return model.classifier(vocab, self.encode_text)
+        key = (id(model), self.templates, vocab)
+        cache = self._classifiers
+        if key not in cache:
+            if len(cache) >= 8:
+                cache.clear()
+            cache[key] = model.classifier(vocab, self.encode_text)
+        return cache[key]
+
+    def _batch_size(self) -> int:
+        """Windows per forward: the option, or 16 on a CPU (batching gains nothing there) and 128 on
+        a GPU (large batches are what keep its matrix units busy)."""
+        if self.config.batch_size:
+            return self.config.batch_size
+        return 128 if self.device.type == "cuda" else 16
+
+    def _grid_logits(self, pixels: torch.Tensor, classifier: Classifier) -> torch.Tensor:
+        """(B,3,H,W) RGB windows in [0, 1] -> (B, C, H/stride, W/stride) float32 scores on the model's grid."""
         with self._autocast():
             logits = self.model.logits(pixels, classifier)
+        logits = logits.float()
         seen = classifier.extra.get("seen") if classifier.extra else None
         if self.config.calibration is not None and seen is not None:  # replaces the run's own calibration
             shift = getattr(self.model, "calibration", 0.0) - self.config.calibration
-            logits = logits.float() + shift * seen.to(logits.device).float().view(1, -1, 1, 1)
-        return F.interpolate(logits.float().clamp_min(LOGIT_FLOOR), size=pixels.shape[-2:], mode="bilinear",
+            logits = logits + shift * seen.to(logits.device).float().view(1, -1, 1, 1)
+        return logits.clamp_min(LOGIT_FLOOR)
+
+    def _window_logits(self, pixels: torch.Tensor, classifier: Classifier) -> torch.Tensor:
+        """(B,3,H,W) RGB windows in [0, 1] -> (B, C, H, W) scores, upsampled to the window's pixels."""
+        return F.interpolate(self._grid_logits(pixels, classifier), size=pixels.shape[-2:], mode="bilinear",
                              align_corners=False)
 
     def _prepare(self, array: np.ndarray, short_side: int | None) -> torch.Tensor:
-        img = torch.from_numpy(np.require(array, requirements="W")).to(self.device).permute(2, 0, 1).float().div_(255)
-        h, w = img.shape[-2:]
+        return self._resize(self._upload([array]), short_side)[0]
+
+    def _upload(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Same-size (H, W, 3) uint8 arrays -> (N, 3, H, W) float RGB in [0, 1] on the device (one copy)."""
+        stacked = torch.from_numpy(np.stack(arrays) if len(arrays) > 1 else np.require(arrays[0], requirements="W")[None])
+        if self.device.type == "cuda":
+            stacked = stacked.pin_memory()
+        return stacked.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+
+    def _resize(self, images: torch.Tensor, short_side: int | None) -> torch.Tensor:
+        h, w = images.shape[-2:]
         nh, nw = resize_short_side(h, w, short_side, self.config.max_long_side)
-        if (nh, nw) != (h, w):
-            img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                                antialias=nh < h)[0].clamp_(0, 1)
-        return img
+        if (nh, nw) == (h, w):
+            return images
+        return F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h).clamp_(0, 1)
+
+    def _windows_per_image(self, size: tuple[int, int], base_short: int | None, window: int, stride: int) -> int:
+        if self.config.mode == "whole":
+            return 1
+        h, w = resize_short_side(*size, base_short, self.config.max_long_side)
+        return len(window_starts(h, window, stride)) * len(window_starts(w, window, stride))
 
     @torch.no_grad()
     def segment_arrays(self, arrays: list[np.ndarray], vocab: Vocabulary) -> list[SegmentationResult]:
-        """Segment decoded (H, W, 3) uint8 arrays with a parsed vocabulary (what predict_batch calls)."""
-        cfg = self.config
-        model = self.model
+        """Segment decoded (H, W, 3) uint8 arrays with a parsed vocabulary (what predict_batch calls).
+
+        Images go in chunks of about one forward's worth of windows (so memory stays bounded however
+        many images come); inside a chunk, images of the same size are resized, cut into windows and
+        accumulated as one tensor (a Python loop over window *positions*, never over windows), and
+        the windows of all its images share the forwards."""
+        cfg, model = self.config, self.model
         classifier = self.classifier(vocab)
-        num_classes = len(vocab)
         native = model.image_size
         base_short = int(round(1.5 * native)) if cfg.short_side == 0 else cfg.short_side
         window = cfg.window or native
         stride = cfg.stride or max(1, window // 2)
-        step = model.stride
-        if cfg.mode == "slide" and window % step:
-            raise ValueError(f"window {window} must be a multiple of the model's stride {step}")
-        pad = torch.tensor(model.pad_value, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
-
-        merged: list[torch.Tensor | None] = [None] * len(arrays)
-        base_images: list[torch.Tensor] = []
-        for si, scale in enumerate(cfg.scales):
-            short = None if base_short is None else max(step, int(round(base_short * scale)))
-            images = [self._prepare(a, short) for a in arrays]
-            if si == 0:
-                base_images = images if scale == 1.0 else [self._prepare(a, base_short) for a in arrays]
-            canvases = [torch.zeros((num_classes,) + im.shape[-2:], device=self.device) for im in images]
-            counts = [torch.zeros((1,) + im.shape[-2:], device=self.device) for im in images]
-            # every window of every image: (image index, y, x, h, w, padded height, padded width)
-            jobs = []
-            for i, im in enumerate(images):
-                h, w = im.shape[-2:]
-                if cfg.mode == "whole":
-                    jobs.append((i, 0, 0, h, w, math.ceil(h / step) * step, math.ceil(w / step) * step))
-                else:
-                    for y in window_starts(h, window, stride):
-                        for x in window_starts(w, window, stride):
-                            jobs.append((i, y, x, min(window, h - y), min(window, w - x), window, window))
-            # group by padded shape (slide: one group), then run batch_size windows per forward
-            by_shape: dict[tuple[int, int], list] = {}
-            for job in jobs:
-                by_shape.setdefault(job[5:], []).append(job)
-            for (ph, pw), group in by_shape.items():
-                for start in range(0, len(group), cfg.batch_size):
-                    chunk = group[start:start + cfg.batch_size]
-                    # padding takes the colour the network normalises to zero
-                    batch = pad.expand(len(chunk), 3, ph, pw).clone()
-                    for k, (i, y, x, h, w, _, _) in enumerate(chunk):
-                        batch[k, :, :h, :w] = images[i][:, y:y + h, x:x + w]
-                    logits = self._window_logits(batch, classifier)
-                    for k, (i, y, x, h, w, _, _) in enumerate(chunk):
-                        canvases[i][:, y:y + h, x:x + w] += logits[k, :, :h, :w]
-                        counts[i][:, y:y + h, x:x + w] += 1
-            for i in range(len(arrays)):
-                logits = canvases[i] / counts[i]
-                target = base_images[i].shape[-2:]
-                if logits.shape[-2:] != target:
-                    logits = F.interpolate(logits[None], size=target, mode="bilinear", align_corners=False)[0]
-                merged[i] = logits if merged[i] is None else merged[i] + logits
-        results = []
+        if cfg.mode == "slide" and window % model.stride:
+            raise ValueError(f"window {window} must be a multiple of the model's stride {model.stride}")
+        batch = self._batch_size()
         background = 0 if vocab.names and vocab.names[0] == "background" else None
+        results: list[SegmentationResult | None] = [None] * len(arrays)
+        chunk, windows = [], 0
         for i, array in enumerate(arrays):
-            logits = merged[i] / len(cfg.scales)
-            logits = self._postprocess(logits, base_images[i], background)
-            results.append(SegmentationResult(
-                classes=vocab.names, size=tuple(array.shape[:2]), logits=logits, logit_scale=self.logit_scale,
-                prob_threshold=cfg.prob_threshold, background_index=background))
+            chunk.append(i)
+            windows += self._windows_per_image(array.shape[:2], base_short, window, stride)
+            if windows >= batch or i == len(arrays) - 1:
+                self._segment_chunk(arrays, chunk, classifier, vocab, base_short, window, stride, background, results)
+                chunk, windows = [], 0
         return results
+
+    def _segment_chunk(self, arrays, indices, classifier, vocab, base_short, window, stride, background, results):
+        cfg, model = self.config, self.model
+        step = model.stride
+        pad = torch.tensor(model.pad_value, dtype=torch.float32).view(1, 3, 1, 1).to(self.device, non_blocking=True)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i in indices:
+            by_size.setdefault(tuple(arrays[i].shape[:2]), []).append(i)
+        groups = []  # per size: image indices, base-scale images (N,3,h,w), summed logits over scales
+        for size, members in by_size.items():
+            pixels = self._upload([arrays[i] for i in members])
+            groups.append({"members": members, "pixels": pixels, "base": self._resize(pixels, base_short),
+                           "logits": None})
+        for scale in cfg.scales:
+            short = None if base_short is None else max(step, int(round(base_short * scale)))
+            # every group's windows, position-major: window p*N + n is position p of image n
+            jobs: dict[tuple[int, int], list] = {}
+            for g in groups:
+                images = g["base"] if scale == 1.0 else self._resize(g["pixels"], short)
+                n, _, h, w = images.shape
+                if cfg.mode == "whole":
+                    ph, pw = math.ceil(h / step) * step, math.ceil(w / step) * step
+                    positions, shape = [(0, 0)], (ph, pw)
+                else:
+                    positions = [(y, x) for y in window_starts(h, window, stride) for x in window_starts(w, window, stride)]
+                    ph, pw = max(h, window), max(w, window)
+                    shape = (window, window)
+                if (ph, pw) != (h, w):  # padding takes the colour the network normalises to zero
+                    padded = pad.expand(n, 3, ph, pw).clone()
+                    padded[:, :, :h, :w] = images
+                    images = padded
+                crops = torch.cat([images[:, :, y:y + shape[0], x:x + shape[1]] for y, x in positions])
+                g["scale"] = {"size": (h, w), "positions": positions, "shape": shape}
+                jobs.setdefault(shape, []).append((g, crops))
+            for shape, members in jobs.items():
+                crops = torch.cat([c for _, c in members]) if len(members) > 1 else members[0][1]
+                grid = torch.cat([self._grid_logits(crops[s:s + self._batch_size()], classifier)
+                                  for s in range(0, len(crops), self._batch_size())])
+                offset = 0
+                for g, c in members:
+                    self._accumulate(g, grid[offset:offset + len(c)], shape)
+                    offset += len(c)
+        for g in groups:
+            logits = g["logits"] / len(cfg.scales)
+            labels_ready = not (cfg.prompt_denoising is not None or cfg.area_threshold is not None or cfg.pamr)
+            if labels_ready:
+                logits = logits.clamp_min(LOGIT_FLOOR)
+            else:
+                logits = torch.stack([self._postprocess(lg, im, background) for lg, im in zip(logits, g["base"])])
+            size = tuple(arrays[g["members"][0]].shape[:2])
+            labels = label_batch(logits, size, self.logit_scale, cfg.prob_threshold, background)
+            for k, i in enumerate(g["members"]):
+                res = SegmentationResult(classes=vocab.names, size=size, logits=logits[k], logit_scale=self.logit_scale,
+                                         prob_threshold=cfg.prob_threshold, background_index=background)
+                if labels is not None:
+                    res._cache["labels"], res._cache["probs"] = labels[k], None
+                results[i] = res
+
+    def _accumulate(self, group: dict, grid: torch.Tensor, shape: tuple[int, int]) -> None:
+        """Upsample one scale's window scores (position-major) and average them into the group's logits."""
+        info = group["scale"]
+        h, w = info["size"]
+        n = group["base"].shape[0]
+        canvas = grid.new_zeros((n, grid.shape[1], h, w))
+        count = grid.new_zeros((1, 1, h, w))
+        for p, (y, x) in enumerate(info["positions"]):
+            up = F.interpolate(grid[p * n:(p + 1) * n], size=shape, mode="bilinear", align_corners=False)
+            ch, cw = min(shape[0], h - y), min(shape[1], w - x)
+            canvas[:, :, y:y + ch, x:x + cw] += up[:, :, :ch, :cw]
+            count[:, :, y:y + ch, x:x + cw] += 1
+        logits = canvas / count
+        target = group["base"].shape[-2:]
+        if logits.shape[-2:] != target:
+            logits = F.interpolate(logits, size=target, mode="bilinear", align_corners=False)
+        group["logits"] = logits if group["logits"] is None else group["logits"] + logits
 
     def _postprocess(self, logits: torch.Tensor, image: torch.Tensor, background: int | None) -> torch.Tensor:
         cfg = self.config

