@@ -343,7 +343,7 @@ class Segmenter:
         if key not in self._models:
             self._models[key] = TrainingFreeModel(self._int8_backbone() if int8 else self.backbone, self.method,
                                                   self.mean.flatten().tolist(), self.std.flatten().tolist(),
-                                                  cfg.key_smoothing, cfg.key_smoothing_mode)
+                                                  cfg.key_smoothing, cfg.key_smoothing_mode).to(self.device)
         return self._models[key]
 
     def _int8_backbone(self) -> CLIPBackbone:
