@@ -153,13 +153,13 @@ def time_eval(seg, root, workers: int, batch_images: int) -> list[dict]:
     """``vocaseg eval`` over a folder dataset, and its two halves alone: reading the data (the
     loader's workers decoding JPEGs and PNGs, nothing else) and the model on decoded images."""
     from .data.datasets import build_dataset
-    from .evaluation import _Shard, evaluate
+    from .evaluation import _collate, _Shard, evaluate
 
     dataset = build_dataset("folder", root)
     n = len(dataset)
     rows = []
     loader = torch.utils.data.DataLoader(_Shard(dataset, list(range(n))), batch_size=batch_images,
-                                         num_workers=workers, collate_fn=list)
+                                         num_workers=workers, collate_fn=_collate)
     t0 = time.perf_counter()
     for _ in loader:
         pass
