@@ -212,8 +212,9 @@ def _collate(items):
             [tuple(label.shape) for label in labels], torch.cat([label.reshape(-1).to(dtype) for label in labels]))
 
 
-def _unpack(batch, int64_labels: bool) -> list:
-    """:func:`_collate`'s batch -> Samples whose arrays are views of the received buffers."""
+def _unpack(batch, int64_labels: bool) -> tuple[list, np.ndarray]:
+    """:func:`_collate`'s batch -> Samples whose arrays are views of the received buffers, and the
+    flat label buffer itself (every label's values in order)."""
     from .data.datasets import Sample
 
     if isinstance(batch, Exception):
@@ -226,7 +227,7 @@ def _unpack(batch, int64_labels: bool) -> list:
         label = labels[j:j + math.prod(label_shape)].reshape(label_shape)
         i, j = i + image.size, j + label.size
         samples.append(Sample(sid, image, label.astype(np.int64) if int64_labels else label))
-    return samples
+    return samples, labels
 
 
 def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_images: int = 4, workers: int = 2,
@@ -255,14 +256,20 @@ def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_image
     bar = tqdm(total=len(indices), desc=f"eval {dataset.name}", unit="img", disable=not progress or rank != 0,
                dynamic_ncols=True)
     for batch in loader:
-        samples = _unpack(batch, int64_labels=on_image is not None)
+        samples, labels = _unpack(batch, int64_labels=on_image is not None)
         results = segmenter.segment_arrays([s.image for s in samples], vocab)
-        for sample, res in zip(samples, results):
-            pred = res.labels_tensor()
-            target = torch.from_numpy(sample.label)
-            if pred.is_cuda:  # a pinned, asynchronous copy: the host queues the next batch meanwhile
-                target = target.pin_memory().to(pred.device, non_blocking=True)
-            cm.update(pred, target)
+        preds = [res.labels_tensor() for res in results]
+        for sample, pred in zip(samples, preds):
+            if tuple(pred.shape) != sample.label.shape:
+                raise ValueError(f"{sample.id}: prediction shape {tuple(pred.shape)} differs from ground truth "
+                                 f"{sample.label.shape}")
+        # one update a batch against the batch's labels as they arrived (one flat buffer): on a GPU a
+        # pinned, asynchronous copy, so the host queues the next batch meanwhile
+        target = torch.from_numpy(labels)
+        if preds[0].is_cuda:
+            target = target.pin_memory().to(preds[0].device, non_blocking=True)
+        cm.update(torch.cat([p.flatten() for p in preds]), target)
+        for sample, pred in zip(samples, preds):
             if on_image is not None:
                 on_image(sample, pred)
             if out_dir:

@@ -476,9 +476,11 @@ class Segmenter:
 
     def _upload(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """Same-size (H, W, 3) uint8 arrays -> (N, 3, H, W) float RGB in [0, 1] on the device (one copy)."""
-        stacked = torch.from_numpy(np.stack(arrays) if len(arrays) > 1 else np.require(arrays[0], requirements="W")[None])
-        if self.device.type == "cuda":
-            stacked = stacked.pin_memory()
+        if self.device.type == "cuda":  # stacked straight into pinned memory: one copy, then an async upload
+            stacked = torch.empty((len(arrays),) + arrays[0].shape, dtype=torch.uint8, pin_memory=True)
+            np.stack(arrays, out=stacked.numpy())
+        else:
+            stacked = torch.from_numpy(np.stack(arrays) if len(arrays) > 1 else np.require(arrays[0], requirements="W")[None])
         return stacked.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
 
     def _resize(self, images: torch.Tensor, short_side: int | None) -> torch.Tensor:
