@@ -73,7 +73,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16")
     g.add_argument("--prob-threshold", type=float, default=None, help="pixels below this probability -> background")
     g.add_argument("--area-threshold", type=float, default=None, help="drop classes covering less than this share")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="windows per forward pass (default 16 on a CPU, 128 on a GPU)")
+                   help="windows per forward pass (default 4 on a CPU, 128 on a GPU)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"], default="auto",
                    help="auto: bf16 on a GPU, fp32 on the CPU; int8: dynamic int8 image tower on the CPU "
                         "(training-free methods)")
@@ -1200,7 +1200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: CPU, then CUDA if present")
     p.add_argument("--images", type=int, default=None, help="images per measurement (default: 8 on a CPU, 512 on a GPU)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[None], metavar="N",
-                   help="windows per forward, one or more (default: 16 on a CPU, 128 on a GPU)")
+                   help="windows per forward, one or more (default: 4 on a CPU, 128 on a GPU)")
     p.add_argument("--images-per-call", type=int, default=64, metavar="N",
                    help="images handed to the segmenter at a time, as eval's --batch-images (default 64)")
     p.add_argument("--precision", nargs="+", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=["auto"],

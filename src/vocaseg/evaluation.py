@@ -89,9 +89,11 @@ class ConfusionMatrix:
         # ignored pixels go to one extra bin past the matrix, dropped below: no boolean indexing,
         # whose data-dependent size would make the host wait for the GPU at every image
         index = torch.where((target != self.ignore_index) & (target >= 0) & (target < c), target * n + pred, c * n)
-        if index.is_cuda and index.numel() < 1 << 24:  # float32 counts are exact below 2**24
-            # histc has a fixed number of bins; bincount must first read the maximum back to the host
-            counts = torch.histc(index.float(), bins=c * n + 1, min=0, max=c * n + 1).long()
+        if index.is_cuda:
+            # histc has a fixed number of bins; bincount must first read the maximum back to the host.
+            # Its float32 counts are exact below 2**24, hence the pieces.
+            counts = sum(torch.histc(part.float(), bins=c * n + 1, min=0, max=c * n + 1).long()
+                         for part in index.split((1 << 24) - 1))
         else:
             counts = torch.bincount(index, minlength=c * n + 1)
         self.matrix += counts[: c * n].view(c, n)
