@@ -111,3 +111,22 @@ def test_missing_local_checkpoint(tmp_path, capsys):
     assert main(["segment", str(img), "--classes", "a, b", "--model", "RN50", "--pretrained",
                  str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
     assert "checkpoint file not found" in capsys.readouterr().err
+
+
+def test_banded_tint_and_overlay_equal_one_pass(monkeypatch):
+    """Huge photos are tinted in bands of rows; the picture is the same as in one pass."""
+    from vocaseg import visualize
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((37, 23, 3)) * 255).astype(np.uint8)
+    labels = rng.integers(0, 4, (37, 23))
+    labels[:5] = 255
+    one_pass = visualize.tint(image, labels, 4)
+    colours = visualize.colourise(labels, 4).astype(np.float32)
+    want = (image.astype(np.float32) * 0.5 + colours * 0.5).astype(np.uint8)
+    want[labels == 255] = image[labels == 255]
+    assert np.array_equal(one_pass, want)
+    whole = np.asarray(visualize.overlay(image, labels, ["a", "b", "c", "d"], title="t"))
+    monkeypatch.setattr(visualize, "BAND_PIXELS", 23 * 4)  # bands of 4 rows
+    assert np.array_equal(visualize.tint(image, labels, 4), one_pass)
+    assert np.array_equal(np.asarray(visualize.overlay(image, labels, ["a", "b", "c", "d"], title="t")), whole)

@@ -674,8 +674,8 @@ def test_paper_preset_runs_on_a_csv_of_pairs(tmp_path):
 
 
 def test_cpu_preset_is_the_synth_recipe_with_a_cpu_schedule():
-    """synth_cpu is the toy recipe with batch 32 x 600 steps at lr 4e-3 and nothing else changed, so the
-    README's shipped command (preset synth plus those three flags) and the preset give the same run."""
+    """synth_cpu is the toy recipe with batch 32 x 600 steps and nothing else changed, so the README's
+    shipped command (preset synth plus those flags) and the preset give the same run."""
     cpu = make_config("synth_cpu", out="x")
     flags = make_config("synth", out="x", batch_size=32, steps=600, lr=4e-3)
     assert dataclasses.replace(cpu, preset="synth") == flags

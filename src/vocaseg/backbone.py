@@ -90,8 +90,8 @@ def run_block(block: nn.Module, x: torch.Tensor, batch_first: bool = True) -> to
     same arithmetic as its ``nn.MultiheadAttention`` but never holds the (tokens x tokens) attention
     matrix: a fused kernel on the CPU as on the GPU (torch's inference fast path for
     ``MultiheadAttention`` forms the matrix with batched matmuls, and large window batches then
-    spend a third of their time there); any other block runs as it is."""
-    if not _plain_block(block):
+    spend a third of their time there); any other block, or one with hooks, runs as it is."""
+    if not _plain_block(block) or block._forward_hooks or block._forward_pre_hooks:
         return block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
     attn = block.attn
     b, n, c = x.shape

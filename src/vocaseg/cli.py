@@ -948,7 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("schedule and run")
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None, help="global batch per step (synth 128)")
-    g.add_argument("--lr", type=float, default=None, help="new modules and the blocks after the module (synth 1e-3)")
+    g.add_argument("--lr", type=float, default=None, help="new modules and the blocks after the module (synth 4e-3)")
     g.add_argument("--clip-lr", type=float, default=None, help="the blocks before it and the text tower (synth 1e-6)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW decoupled decay (default 0.05)")
     g.add_argument("--warmup", type=float, default=None, help="share of the steps with a linear warm-up (0.15)")
@@ -1189,8 +1189,11 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="steady-state images/s, windows/s and peak memory of inference (random weights)",
         formatter_class=fmt,
         description="Time the SCLIP protocol (short side 336, 224 windows every 112 px, 21 classes) and whole-image "
-        "inference at 336 on random 500x375 images, with random weights (speed does not depend on them), after a "
-        "warm-up image. Every --precision given is timed in the same run, so their ratio is one measurement.",
+        "inference at 336 on random 500x375 images, with random weights (speed does not depend on them), handed "
+        "to the segmenter --images-per-call at a time, labels at the full image size, after a warm-up call. Every "
+        "--precision and --batch-size given is timed in the same run, so their ratios are one measurement. "
+        "--baseline adds the official code's per-window loop; --text cold text embeddings (171 classes x 85 "
+        "templates); --eval-images N `vocaseg eval` end to end on N generated JPEGs, and its data loading alone.",
         epilog="examples:\n"
         "  vocaseg bench --precision fp32 int8                     # the CPU's int8 path against fp32\n"
         "  vocaseg bench --device cuda --baseline --json gpu.json  # + the per-window loop of the official code\n"

@@ -32,7 +32,7 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent -> white
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(img.convert("RGB"))
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # no extra copy of an RGB photo
 
 
 def read_image(image: ImageInput) -> np.ndarray:
@@ -66,7 +66,8 @@ def read_image(image: ImageInput) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so truncated files fail here and not later
-            return _to_rgb_uint8(ImageOps.exif_transpose(img))
+            ImageOps.exif_transpose(img, in_place=True)  # our own image: no copy of a huge photo
+            return _to_rgb_uint8(img)
     except UnidentifiedImageError as err:
         raise ImageReadError(f"{path}: not an image PIL can read (is it really a picture?)") from err
     except (OSError, SyntaxError, ValueError) as err:

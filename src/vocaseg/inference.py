@@ -139,7 +139,7 @@ class SegmentationResult:
 
 def upsample_and_label(logits: torch.Tensor, size: tuple[int, int], logit_scale: float,
                        prob_threshold: float | None, background_index: int | None,
-                       keep_probs: bool = False, max_elements: int = 1 << 24):
+                       keep_probs: bool = False, max_elements: int = 1 << 22):
     """Bilinear upsampling to ``size`` (== F.interpolate, align_corners=False), softmax, argmax.
 
     Works in horizontal strips through grid_sample so that memory stays bounded for huge images.
@@ -158,9 +158,13 @@ def upsample_and_label(logits: torch.Tensor, size: tuple[int, int], logit_scale:
         ys = (2 * ys.clamp(min=0) + 1) / h - 1
         grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1).unsqueeze(0)
         strip = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        thresholded = prob_threshold is not None and background_index is not None
+        if not (thresholded or probs is not None):  # the argmax needs no softmax
+            labels[r0:r1] = strip.argmax(0)
+            continue
         p = torch.softmax(logit_scale * strip, dim=0)
         conf, lab = p.max(0)
-        if prob_threshold is not None and background_index is not None:
+        if thresholded:
             lab = lab.masked_fill(conf < prob_threshold, background_index)
         labels[r0:r1] = lab
         if probs is not None:
@@ -476,19 +480,23 @@ class Segmenter:
         return self._resize(self._upload([array]), short_side)[0]
 
     def _upload(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        """Same-size (H, W, 3) uint8 arrays -> (N, 3, H, W) float RGB in [0, 1] on the device (one copy)."""
+        """Same-size (H, W, 3) uint8 arrays -> (N, 3, H, W) uint8 on the device (one copy); :meth:`_resize`
+        makes them float RGB in [0, 1]."""
         if self.device.type == "cuda":  # stacked straight into pinned memory: one copy, then an async upload
             stacked = torch.empty((len(arrays),) + arrays[0].shape, dtype=torch.uint8, pin_memory=True)
             np.stack(arrays, out=stacked.numpy())
         else:
             stacked = torch.from_numpy(np.stack(arrays) if len(arrays) > 1 else np.require(arrays[0], requirements="W")[None])
-        return stacked.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        return stacked.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
 
     def _resize(self, images: torch.Tensor, short_side: int | None) -> torch.Tensor:
         h, w = images.shape[-2:]
         nh, nw = resize_short_side(h, w, short_side, self.config.max_long_side)
         if (nh, nw) == (h, w):
-            return images
+            return images.float().div_(255)
+        if images.shape[1] > 1 and images.numel() > 3 << 22:  # a huge photo: one colour channel at a time in float (the same arithmetic)
+            return torch.cat([self._resize(images[:, c:c + 1], short_side) for c in range(images.shape[1])], dim=1)
+        images = images.float().div_(255)
         return F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h).clamp_(0, 1)
 
     def _windows_per_image(self, size: tuple[int, int], base_short: int | None, window: int, stride: int) -> int:

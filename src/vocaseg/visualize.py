@@ -63,12 +63,27 @@ def class_colour(index: int, num_classes: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in _class_colours(num_classes)[index])
 
 
+BAND_PIXELS = 1 << 22  # pixels per band when tinting; a 48-megapixel photo takes 12 bands
+
+
 def tint(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
     """(H, W, 3) uint8: the image blended with class colours; ignore pixels (255) keep the image."""
-    colours = colourise(labels, num_classes)
-    blend = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
-    blend[labels == IGNORE_INDEX] = image[labels == IGNORE_INDEX]
+    blend = np.empty_like(image)
+    for r, band in _tinted_bands(image, labels, num_classes, alpha):
+        blend[r:r + len(band)] = band
     return blend
+
+
+def _tinted_bands(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float):
+    """:func:`tint` in bands of rows (start row, band), so a 48-megapixel photo needs no full-size float copy."""
+    rows = max(1, BAND_PIXELS // max(1, image.shape[1]))
+    for r in range(0, image.shape[0], rows):
+        part, lab = image[r:r + rows], labels[r:r + rows]
+        band = (part.astype(np.float32) * (1 - alpha) + colourise(lab, num_classes).astype(np.float32) * alpha)
+        band = band.astype(np.uint8)
+        keep = lab == IGNORE_INDEX
+        band[keep] = part[keep]
+        yield r, band
 
 
 def picture(image: np.ndarray, title: str | None = None) -> Image.Image:
@@ -79,8 +94,9 @@ def picture(image: np.ndarray, title: str | None = None) -> Image.Image:
 def overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], alpha: float = 0.5,
             title: str | None = None) -> Image.Image:
     """The image tinted with class colours, and a legend of the classes present (largest first)."""
-    blend = tint(image, labels, len(classes), alpha)
-    counts = np.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=len(classes))
+    counts = np.bincount(labels.ravel(), minlength=max(len(classes), IGNORE_INDEX + 1))
+    counts[IGNORE_INDEX] = 0
+    counts = counts[:len(classes)]
     present = [i for i in np.argsort(-counts) if counts[i] > 0]
     h, w = labels.shape
     fsize = max(11, min(18, h // 20))
@@ -89,7 +105,8 @@ def overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], alpha
     legend_w = max(140, int(fsize * 0.62 * max([len(classes[i]) for i in present] + [8])) + 70)
     top = row if title else 0
     canvas = Image.new("RGB", (w + legend_w, max(h + top, top + row * (len(present) + 1))), "white")
-    canvas.paste(Image.fromarray(blend), (0, top))
+    for r, band in _tinted_bands(image, labels, len(classes), alpha):  # pasted band by band: bounded memory
+        canvas.paste(Image.fromarray(band), (0, top + r))
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((4, 2), title, fill="black", font=font)
