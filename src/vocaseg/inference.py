@@ -534,7 +534,8 @@ class Segmenter:
         return results
 
     def _segment_chunk(self, arrays, indices, classifier, vocab, base_short, window, stride, background, results):
-        cfg, model = self.config, self.model
+        """Segment ``arrays[indices]`` (one chunk) into ``results`` at those indices."""
+        cfg, model, batch = self.config, self.model, self._batch_size()
         step = model.stride
         pad = torch.tensor(model.pad_value, dtype=torch.float32).view(1, 3, 1, 1).to(self.device, non_blocking=True)
         by_size: dict[tuple[int, int], list[int]] = {}
@@ -568,16 +569,15 @@ class Segmenter:
                 jobs.setdefault(shape, []).append((g, crops))
             for shape, members in jobs.items():
                 crops = torch.cat([c for _, c in members]) if len(members) > 1 else members[0][1]
-                grid = torch.cat([self._grid_logits(crops[s:s + self._batch_size()], classifier)
-                                  for s in range(0, len(crops), self._batch_size())])
+                grid = torch.cat([self._grid_logits(crops[s:s + batch], classifier) for s in range(0, len(crops), batch)])
                 offset = 0
                 for g, c in members:
                     self._accumulate(g, grid[offset:offset + len(c)], shape)
                     offset += len(c)
         for g in groups:
             logits = g["logits"] / len(cfg.scales)
-            labels_ready = not (cfg.prompt_denoising is not None or cfg.area_threshold is not None or cfg.pamr)
-            if labels_ready:
+            per_image_steps = cfg.prompt_denoising is not None or cfg.area_threshold is not None or cfg.pamr
+            if not per_image_steps:
                 logits = logits.clamp_min(LOGIT_FLOOR)
             else:
                 logits = torch.stack([self._postprocess(lg, im, background) for lg, im in zip(logits, g["base"])])
