@@ -261,16 +261,22 @@ def run_bench(model: str = "ViT-B-16", device: str = "cpu", images: int | None =
         report["rows"].append(row)
         print(f"  {row['setting']}: {row['seconds']:.3f} s ({row['prompts_per_s']:.0f} prompts/s)")
     if eval_images:
+        import shutil
         import tempfile
 
-        root = eval_dir or tempfile.mkdtemp(prefix="vocaseg-bench-")
-        t0 = time.perf_counter()
-        write_folder_dataset(root, eval_images)
-        print(f"  folder dataset of {eval_images} JPEGs in {root} ({time.perf_counter() - t0:.1f} s to write)")
-        s = seg.with_options(precision=precisions[0], batch_size=batch_sizes[0], **SETTINGS["sclip slide 336/224/112"])
-        for row in time_eval(s, root, workers, batch_images):
-            report["rows"].append(row)
-            print(f"  {row['setting']:<60} {row['images_per_s']:9.2f} images/s ({row['seconds']:.1f} s)")
+        root = eval_dir or tempfile.mkdtemp(prefix="vocaseg-bench-")  # a temporary one is removed afterwards
+        try:
+            t0 = time.perf_counter()
+            write_folder_dataset(root, eval_images)
+            print(f"  folder dataset of {eval_images} JPEGs in {root} ({time.perf_counter() - t0:.1f} s to write)")
+            s = seg.with_options(precision=precisions[0], batch_size=batch_sizes[0],
+                                 **SETTINGS["sclip slide 336/224/112"])
+            for row in time_eval(s, root, workers, batch_images):
+                report["rows"].append(row)
+                print(f"  {row['setting']:<60} {row['images_per_s']:9.2f} images/s ({row['seconds']:.1f} s)")
+        finally:
+            if eval_dir is None:
+                shutil.rmtree(root, ignore_errors=True)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)

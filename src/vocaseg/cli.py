@@ -1219,7 +1219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-images", type=int, default=0, metavar="N",
                    help="also time `vocaseg eval` end to end over a folder dataset of N generated 500x375 JPEGs, "
                    "and its data loading alone")
-    p.add_argument("--eval-dir", default=None, help="where that dataset is written (default: a temporary folder)")
+    p.add_argument("--eval-dir", default=None, help="where that dataset is written and kept (default: a temporary folder, removed afterwards)")
     p.add_argument("--workers", type=int, default=8, help="eval's data loading processes (default 8)")
     p.add_argument("--batch-images", type=int, default=64, help="eval's images per batch (default 64)")
     p.set_defaults(func=cmd_bench)
