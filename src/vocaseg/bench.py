@@ -1,10 +1,11 @@
 """``vocaseg bench``: steady-state inference speed and peak memory, with random weights (no download).
 
 Two settings: the SCLIP protocol (short side 336, 224 windows every 112 px, 21 classes) and whole-
-image inference at the same size. Images are random 500x375 arrays (the size of a VOC photo). Text
-embeddings are computed before timing (as in any real evaluation) and one warm-up image runs
-first, so the numbers are the steady state. Every requested precision is timed in the same run, so
-their ratios are free of machine-to-machine noise. ``baseline`` also times the way the official
+image inference at the same size. Images are random 500x375 arrays (the size of a VOC photo), handed
+to the segmenter ``images_per_call`` at a time. Text embeddings are computed before timing (as in
+any real evaluation) and a warm-up call runs first, so the numbers are the steady state. Every
+requested precision and batch size is timed in the same run, so their ratios are free of
+machine-to-machine noise. ``baseline`` also times the way the official
 SCLIP / MaskCLIP code runs: one window at a time through a Python loop (fp16 on a GPU, fp32 on the
 CPU), with the same model, images and protocol (:func:`per_window_logits`).
 """
@@ -43,20 +44,18 @@ def per_window_logits(seg, array: np.ndarray, classes) -> torch.Tensor:
     (padded to the window with the model's pad colour), its scores upsampled and summed into a canvas,
     divided by the per-pixel window count. Returns (C, h, w) at the resized size. Whole mode: one
     window, the image padded to the model's stride."""
+    from .inference import window_starts
+
     cfg, model = seg.config, seg.model
     vocab = seg.vocabulary(classes)
     classifier = seg.classifier(vocab)
-    base_short = int(round(1.5 * model.image_size)) if cfg.short_side == 0 else cfg.short_side
+    base_short, win, stride = seg._geometry()
     image = seg._prepare(array, base_short)
     h, w = image.shape[-2:]
     if cfg.mode == "whole":
         step = model.stride
         windows, size = [(0, 0)], (-(-h // step) * step, -(-w // step) * step)
     else:
-        from .inference import window_starts
-
-        win = cfg.window or model.image_size
-        stride = cfg.stride or max(1, win // 2)
         windows = [(y, x) for y in window_starts(h, win, stride) for x in window_starts(w, win, stride)]
         size = (win, win)
     canvas = torch.zeros(len(vocab), h, w, device=seg.device)
@@ -73,18 +72,6 @@ def per_window_logits(seg, array: np.ndarray, classes) -> torch.Tensor:
         canvas[:, y:y + ch, x:x + cw] += scores[:, :ch, :cw]
         count[:, y:y + ch, x:x + cw] += 1
     return canvas / count
-
-
-def _windows_per_image(seg, size=(375, 500)) -> int:
-    from .inference import resize_short_side, window_starts
-
-    cfg, model = seg.config, seg.model
-    if cfg.mode == "whole":
-        return 1
-    h, w = resize_short_side(*size, cfg.short_side, cfg.max_long_side)
-    win = cfg.window or model.image_size
-    stride = cfg.stride or win // 2
-    return len(window_starts(h, win, stride)) * len(window_starts(w, win, stride))
 
 
 def _versions() -> dict:
@@ -229,7 +216,7 @@ def run_bench(model: str = "ViT-B-16", device: str = "cpu", images: int | None =
                         r.labels_tensor()
                 _sync(dev)
                 dt = time.perf_counter() - t0
-                windows = _windows_per_image(s) * images
+                windows = s._windows_per_image((375, 500)) * images
                 row = {"setting": name, "precision": precision, "window_batch": s._batch_size(), "path": "batched",
                        "images_per_s": images / dt, "windows_per_s": windows / dt,
                        "peak_memory_mb": _peak_memory_mb(dev)}
@@ -251,7 +238,7 @@ def run_bench(model: str = "ViT-B-16", device: str = "cpu", images: int | None =
             dt = time.perf_counter() - t0
             row = {"setting": name, "precision": precision, "window_batch": 1,
                    "path": "per-window loop (official code's way)", "images_per_s": n / dt,
-                   "windows_per_s": _windows_per_image(s) * n / dt, "images": n}
+                   "windows_per_s": s._windows_per_image((375, 500)) * n / dt, "images": n}
             best = max(r["images_per_s"] for r in report["rows"] if r["setting"] == name and r["path"] == "batched")
             row["batched_speedup"] = best / row["images_per_s"]
             report["rows"].append(row)

@@ -499,9 +499,17 @@ class Segmenter:
         images = images.float().div_(255)
         return F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h).clamp_(0, 1)
 
-    def _windows_per_image(self, size: tuple[int, int], base_short: int | None, window: int, stride: int) -> int:
+    def _geometry(self) -> tuple[int | None, int, int]:
+        """The options as sizes: (short side at scale 1, sliding window, window stride)."""
+        cfg, native = self.config, self.model.image_size
+        window = cfg.window or native
+        return int(round(1.5 * native)) if cfg.short_side == 0 else cfg.short_side, window, cfg.stride or max(1, window // 2)
+
+    def _windows_per_image(self, size: tuple[int, int]) -> int:
+        """The windows an (H, W) image is cut into at scale 1 (one for whole-image inference)."""
         if self.config.mode == "whole":
             return 1
+        base_short, window, stride = self._geometry()
         h, w = resize_short_side(*size, base_short, self.config.max_long_side)
         return len(window_starts(h, window, stride)) * len(window_starts(w, window, stride))
 
@@ -513,29 +521,26 @@ class Segmenter:
         many images come); inside a chunk, images of the same size are resized, cut into windows and
         accumulated as one tensor (a Python loop over window *positions*, never over windows), and
         the windows of all its images share the forwards."""
-        cfg, model = self.config, self.model
+        window = self._geometry()[1]
+        if self.config.mode == "slide" and window % self.model.stride:
+            raise ValueError(f"window {window} must be a multiple of the model's stride {self.model.stride}")
         classifier = self.classifier(vocab)
-        native = model.image_size
-        base_short = int(round(1.5 * native)) if cfg.short_side == 0 else cfg.short_side
-        window = cfg.window or native
-        stride = cfg.stride or max(1, window // 2)
-        if cfg.mode == "slide" and window % model.stride:
-            raise ValueError(f"window {window} must be a multiple of the model's stride {model.stride}")
         batch = self._batch_size()
-        background = 0 if vocab.names and vocab.names[0] == "background" else None
         results: list[SegmentationResult | None] = [None] * len(arrays)
         chunk, windows = [], 0
         for i, array in enumerate(arrays):
             chunk.append(i)
-            windows += self._windows_per_image(array.shape[:2], base_short, window, stride)
+            windows += self._windows_per_image(array.shape[:2])
             if windows >= batch or i == len(arrays) - 1:
-                self._segment_chunk(arrays, chunk, classifier, vocab, base_short, window, stride, background, results)
+                self._segment_chunk(arrays, chunk, classifier, vocab, results)
                 chunk, windows = [], 0
         return results
 
-    def _segment_chunk(self, arrays, indices, classifier, vocab, base_short, window, stride, background, results):
+    def _segment_chunk(self, arrays, indices, classifier, vocab, results):
         """Segment ``arrays[indices]`` (one chunk) into ``results`` at those indices."""
         cfg, model, batch = self.config, self.model, self._batch_size()
+        base_short, window, stride = self._geometry()
+        background = 0 if vocab.names and vocab.names[0] == "background" else None
         step = model.stride
         pad = torch.tensor(model.pad_value, dtype=torch.float32).view(1, 3, 1, 1).to(self.device, non_blocking=True)
         by_size: dict[tuple[int, int], list[int]] = {}
@@ -574,9 +579,9 @@ class Segmenter:
                 for g, c in members:
                     self._accumulate(g, grid[offset:offset + len(c)], shape)
                     offset += len(c)
+        per_image_steps = cfg.prompt_denoising is not None or cfg.area_threshold is not None or cfg.pamr
         for g in groups:
             logits = g["logits"] / len(cfg.scales)
-            per_image_steps = cfg.prompt_denoising is not None or cfg.area_threshold is not None or cfg.pamr
             if not per_image_steps:
                 logits = logits.clamp_min(LOGIT_FLOOR)
             else:
