@@ -140,7 +140,8 @@ class SegmentationResult:
 def upsample_and_label(logits: torch.Tensor, size: tuple[int, int], logit_scale: float,
                        prob_threshold: float | None, background_index: int | None,
                        keep_probs: bool = False, max_elements: int = 1 << 22):
-    """Bilinear upsampling to ``size`` (== F.interpolate, align_corners=False), softmax, argmax.
+    """Bilinear upsampling to ``size`` (== F.interpolate, align_corners=False), argmax (through the softmax
+    when probabilities or a probability threshold are wanted).
 
     Works in horizontal strips through grid_sample so that memory stays bounded for huge images.
     """
