@@ -130,3 +130,35 @@ def test_banded_tint_and_overlay_equal_one_pass(monkeypatch):
     monkeypatch.setattr(visualize, "BAND_PIXELS", 23 * 4)  # bands of 4 rows
     assert np.array_equal(visualize.tint(image, labels, 4), one_pass)
     assert np.array_equal(np.asarray(visualize.overlay(image, labels, ["a", "b", "c", "d"], title="t")), whole)
+
+
+def test_banded_overlay_of_compact_labels_and_counts(monkeypatch):
+    """`vocaseg segment` hands uint8 labels to the overlay and counts them in bands: same picture, same counts."""
+    from vocaseg import visualize
+
+    rng = np.random.default_rng(1)
+    image = (rng.random((37, 23, 3)) * 255).astype(np.uint8)
+    labels = rng.integers(0, 6, (37, 23))
+    labels[:3] = 255
+    whole = np.asarray(visualize.overlay(image, labels, list("abcdef")))
+    monkeypatch.setattr(visualize, "BAND_PIXELS", 23 * 4 + 5)  # bands that cut rows
+    compact = labels.astype(np.uint8)
+    np.testing.assert_array_equal(visualize.label_counts(compact, 300), np.bincount(labels.ravel(), minlength=300))
+    np.testing.assert_array_equal(visualize.label_counts(compact[:0]), [0])
+    assert np.array_equal(np.asarray(visualize.overlay(image, compact, list("abcdef"))), whole)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "CMYK", "I;16"])
+def test_photos_are_copied_out_of_pil_in_bands_with_the_same_pixels(monkeypatch, tmp_path, mode):
+    from vocaseg import images as images_module
+
+    rng = np.random.default_rng(2)
+    img = Image.fromarray((rng.random((41, 29, 3)) * 255).astype(np.uint8))
+    img = img.convert("I;16") if mode == "I;16" else img.convert(mode)
+    path = tmp_path / ("x.tif" if mode in ("CMYK", "I;16") else "x.png")
+    img.save(path)
+    want = read_image(path)
+    monkeypatch.setattr(images_module, "BAND_PIXELS", 29 * 3 + 1)  # 3-row bands, the last one short
+    got = read_image(path)
+    assert got.shape == (41, 29, 3) and got.dtype == np.uint8 and got.flags.writeable
+    assert np.array_equal(got, want)

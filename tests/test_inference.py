@@ -158,6 +158,25 @@ def test_strip_upsampling_equals_interpolate():
     torch.testing.assert_close(probs, torch.softmax(40 * ref, 0), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threshold,background", [(None, None), (0.6, 0)])
+def test_compact_labels_are_the_labels_in_uint8(threshold, background):
+    from vocaseg.inference import SegmentationResult, compact_label_dtype
+
+    def result():
+        return SegmentationResult(classes=["a", "b", "c"], size=(50, 61), logits=logits, logit_scale=40.0,
+                                  prob_threshold=threshold, background_index=background)
+
+    logits = torch.randn(3, 7, 9) * 0.1
+    first_compact, reference = result(), result()
+    compact = first_compact.labels_compact
+    assert compact.dtype == np.uint8 and first_compact._cache["labels"].dtype == torch.uint8  # no int64 map made
+    np.testing.assert_array_equal(compact, reference.labels)
+    assert first_compact.labels.dtype == np.int64 and np.array_equal(first_compact.labels, reference.labels)
+    assert reference.labels_compact.dtype == np.uint8 and first_compact.fractions() == reference.fractions()
+    assert len(np.unique(compact)) > 1
+    assert [compact_label_dtype(n) for n in (2, 255, 256, 40000)] == [torch.uint8, torch.uint8, torch.int16, torch.int32]
+
+
 def test_background_words_and_threshold(seg):
     res = seg.predict(_img(40, 40), ["cat", "dog"], background=["sky", "wall"])
     assert res.classes == ["background", "cat", "dog"]

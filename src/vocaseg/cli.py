@@ -196,8 +196,9 @@ def cmd_segment(args) -> int:
             results = seg.segment_arrays(arrays, seg.vocabulary(vocab, background))
             for p, array, res in zip(ok, arrays, results):
                 label_path, overlay_path, json_path = outputs(p)
-                save_label_png(res.labels, label_path)
-                overlay(array, res.labels, res.classes, title=p.name).save(overlay_path)
+                labels = res.labels_compact  # uint8: a 48-megapixel map is 48 MB, not 384
+                save_label_png(labels, label_path)
+                overlay(array, labels, res.classes, title=p.name).save(overlay_path)
                 json_path.write_text(json.dumps({
                     "image": str(p), "size": list(res.size), "classes": res.classes,
                     "fractions": res.fractions(), "model": args.model, "pretrained": args.pretrained,

@@ -32,7 +32,24 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent -> white
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # no extra copy of an RGB photo
+    return _rgb_pixels(img)
+
+
+BAND_PIXELS = 1 << 22  # pixels per band when copying a decoded photo out of PIL
+
+
+def _rgb_pixels(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 of an image in any per-pixel mode, copied out of PIL in bands of rows: the
+    whole-image route (``tobytes``) holds two full copies besides PIL's own, 290 MB at 48 megapixels."""
+    width, height = img.size
+    if width * height <= BAND_PIXELS:
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    out = np.empty((height, width, 3), np.uint8)
+    rows = max(1, BAND_PIXELS // width)
+    for r in range(0, height, rows):
+        band = img.crop((0, r, width, min(height, r + rows)))
+        out[r:r + rows] = np.asarray(band if band.mode == "RGB" else band.convert("RGB"))
+    return out
 
 
 def read_image(image: ImageInput) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 IGNORE_INDEX = 255
+BAND_PIXELS = 1 << 20  # pixels per band when tinting or counting: ~50 MB of float temporaries a band
 
 
 def palette(n: int = 256) -> np.ndarray:
@@ -27,6 +28,17 @@ def palette(n: int = 256) -> np.ndarray:
     return out
 
 
+def label_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """Pixels per label value, as ``np.bincount(labels.ravel(), minlength)``, counted in bands of rows:
+    bincount first copies its input to int64, which for a uint8 map of 48 megapixels is 384 MB."""
+    flat = labels.reshape(-1)
+    counts = np.zeros(max(minlength, int(flat.max(initial=0)) + 1), np.int64)
+    for s in range(0, flat.size, BAND_PIXELS):
+        part = np.bincount(flat[s:s + BAND_PIXELS])
+        counts[:len(part)] += part
+    return counts
+
+
 def _class_colours(num_classes: int) -> np.ndarray:
     # VOC's map starts with black for class 0; shift by one so every class gets a visible colour
     return palette(num_classes + 1)[1:]
@@ -36,7 +48,7 @@ def save_label_png(labels: np.ndarray, path: str | Path) -> None:
     """Class indices as a palette PNG: the pixel values are the indices, the colours only help viewing."""
     if labels.max(initial=0) > 255:
         raise ValueError("more than 255 classes do not fit an 8-bit label PNG")
-    img = Image.fromarray(labels.astype(np.uint8))  # "L"; putpalette turns it into "P"
+    img = Image.fromarray(labels.astype(np.uint8, copy=False))  # "L"; putpalette turns it into "P"
     pal = np.zeros((256, 3), np.uint8)
     pal[: IGNORE_INDEX] = _class_colours(IGNORE_INDEX)
     pal[IGNORE_INDEX] = (255, 255, 255)
@@ -63,7 +75,6 @@ def class_colour(index: int, num_classes: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in _class_colours(num_classes)[index])
 
 
-BAND_PIXELS = 1 << 22  # pixels per band when tinting; a 48-megapixel photo takes 12 bands
 
 
 def tint(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
@@ -94,7 +105,7 @@ def picture(image: np.ndarray, title: str | None = None) -> Image.Image:
 def overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], alpha: float = 0.5,
             title: str | None = None) -> Image.Image:
     """The image tinted with class colours, and a legend of the classes present (largest first)."""
-    counts = np.bincount(labels.ravel(), minlength=max(len(classes), IGNORE_INDEX + 1))
+    counts = label_counts(labels, minlength=max(len(classes), IGNORE_INDEX + 1))
     counts[IGNORE_INDEX] = 0
     counts = counts[:len(classes)]
     present = [i for i in np.argsort(-counts) if counts[i] > 0]
