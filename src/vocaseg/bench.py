@@ -83,6 +83,18 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
+def _cpu_name() -> str:
+    """The CPU's model and the vector instructions torch uses on it: int8 and fp32 speeds depend on both
+    (the same 2-core machine type has been an AVX2 host one day and an AVX-512 host the next)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _row_text(row: dict) -> str:
     return (f"  {row['setting']:<26} {row['precision']:<5} {row.get('window_batch', ''):>5} {row['images_per_s']:9.2f} "
             f"images/s {row['windows_per_s']:10.1f} windows/s   peak memory {row.get('peak_memory_mb', 0):8.0f} MB")
@@ -191,7 +203,7 @@ def run_bench(model: str = "ViT-B-16", device: str = "cpu", images: int | None =
     vocab = seg.vocabulary(classes)
     rng = np.random.default_rng(0)
     batch = [(rng.random((375, 500, 3)) * 255).astype(np.uint8) for _ in range(images)]
-    hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     report = {"model": f"{model} (random weights)", "device": str(dev), "hardware": hardware,
               "threads": torch.get_num_threads(), "images": images, "image_size": [375, 500], "classes": 21,
               "images_per_call": images_per_call, "versions": _versions(), "rows": []}

@@ -604,7 +604,7 @@ class Segmenter:
                     offset += len(c)
         per_image_steps = cfg.prompt_denoising is not None or cfg.area_threshold is not None or cfg.pamr
         for g in groups:
-            logits = g["logits"] / len(cfg.scales)
+            logits = g["logits"] / len(cfg.scales) if len(cfg.scales) > 1 else g["logits"]
             if not per_image_steps:
                 logits = logits.clamp_min(LOGIT_FLOOR)
             else:
@@ -623,14 +623,18 @@ class Segmenter:
         info = group["scale"]
         h, w = info["size"]
         n = group["base"].shape[0]
-        canvas = grid.new_zeros((n, grid.shape[1], h, w))
-        count = grid.new_zeros((1, 1, h, w))
-        for p, (y, x) in enumerate(info["positions"]):
-            up = F.interpolate(grid[p * n:(p + 1) * n], size=shape, mode="bilinear", align_corners=False)
-            ch, cw = min(shape[0], h - y), min(shape[1], w - x)
-            canvas[:, :, y:y + ch, x:x + cw] += up[:, :, :ch, :cw]
-            count[:, :, y:y + ch, x:x + cw] += 1
-        logits = canvas / count
+        if len(info["positions"]) == 1:  # whole image, or one window: nothing to average (the same numbers)
+            up = F.interpolate(grid, size=shape, mode="bilinear", align_corners=False)
+            logits = up[:, :, :h, :w]
+        else:
+            canvas = grid.new_zeros((n, grid.shape[1], h, w))
+            count = grid.new_zeros((1, 1, h, w))
+            for p, (y, x) in enumerate(info["positions"]):
+                up = F.interpolate(grid[p * n:(p + 1) * n], size=shape, mode="bilinear", align_corners=False)
+                ch, cw = min(shape[0], h - y), min(shape[1], w - x)
+                canvas[:, :, y:y + ch, x:x + cw] += up[:, :, :ch, :cw]
+                count[:, :, y:y + ch, x:x + cw] += 1
+            logits = canvas / count
         target = group["base"].shape[-2:]
         if logits.shape[-2:] != target:
             logits = F.interpolate(logits, size=target, mode="bilinear", align_corners=False)
