@@ -234,7 +234,7 @@ class SegmentationApp:
                 key_smoothing: bool = False, prompt_denoising: bool = False, background: str = "",
                 threshold: float = 0.0) -> AppOutput:
         """Segment one upload; every problem with the input raises AppError with a readable message."""
-        from .visualize import overlay, save_label_png, shrink
+        from .visualize import label_counts, overlay, save_label_png, shrink
         from .vocabulary import parse_background
 
         vocab = self.parse_classes(classes)
@@ -263,7 +263,7 @@ class SegmentationApp:
         res = seg.segment_arrays([array], vocab)[0]
         labels = res.labels
         seconds = time.perf_counter() - t0
-        counts = np.bincount(labels.ravel(), minlength=len(res.classes))
+        counts = label_counts(labels, minlength=len(res.classes))
         order = np.argsort(-counts, kind="stable")
         shares = [[res.classes[i], round(100.0 * float(counts[i]) / labels.size, 1)] for i in order]
         shown, (shown_labels,) = shrink(array, [labels], DISPLAY_MAX_SIDE)

@@ -128,9 +128,10 @@ class SegmentationResult:
 
     @cached_property
     def labels_compact(self) -> np.ndarray:
-        """The same indices as :attr:`labels` in the smallest unsigned type below the overlay's ignore
-        value 255 (uint8 up to 255 classes): an eighth of the memory, for huge photos (``vocaseg
-        segment`` writes from it). Ask for it first and ``labels`` is never made at full size."""
+        """The same indices as :attr:`labels` in the smallest integer type that keeps the label PNGs'
+        ignore value 255 free (:func:`compact_label_dtype`; uint8 up to 255 classes): an eighth of the
+        memory, for huge photos (``vocaseg segment`` writes from it). Ask for it first and ``labels``
+        is never made at full size."""
         dtype = compact_label_dtype(len(self.classes))
         return self._full_resolution(dtype)[0].to(dtype).cpu().numpy()
 

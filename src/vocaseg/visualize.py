@@ -75,8 +75,6 @@ def class_colour(index: int, num_classes: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in _class_colours(num_classes)[index])
 
 
-
-
 def tint(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
     """(H, W, 3) uint8: the image blended with class colours; ignore pixels (255) keep the image."""
     blend = np.empty_like(image)
