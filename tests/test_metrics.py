@@ -91,3 +91,58 @@ def test_multiprocess_merge_equals_single_process(tmp_path):
     single = ConfusionMatrix(3)
     single.update(torch.tensor([0, 1, 1, 2, 1, 2]), torch.tensor([0, 1, 2, 2, 1, 0]))
     assert torch.equal(torch.load(out), single.matrix)
+
+
+class _ColourSegmenter:
+    """Predicts class = red channel mod C: a stand-in model whose output the test can compute itself."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, num_classes):
+        self.num_classes, self.calls = num_classes, []
+
+    def segment_arrays(self, arrays, vocab):
+        self.calls.append(len(arrays))
+
+        class Result:
+            def __init__(self, labels):
+                self._labels = labels
+
+            def labels_tensor(self):
+                return self._labels
+
+        return [Result(torch.from_numpy(a[..., 0].astype("int64") % self.num_classes)) for a in arrays]
+
+
+@pytest.mark.parametrize("workers,load_batch,batch_images", [(0, 8, 4), (2, 3, 5), (2, 8, 64)])
+def test_evaluate_regroups_loader_batches_into_model_calls(tmp_path, workers, load_batch, batch_images):
+    """Small loader batches are regrouped into calls of batch_images; the confusion matrix is the one
+    computed directly, whatever the grouping, with images of mixed sizes and label dtypes."""
+    import numpy as np
+    from PIL import Image
+
+    from vocaseg.data.datasets import build_dataset
+    from vocaseg.evaluation import evaluate
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    expected = ConfusionMatrix(3)
+    for i in range(11):
+        h, w = (20, 30) if i % 3 else (17, 23)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        label = rng.integers(0, 3, (h, w)).astype(np.uint8)
+        label[rng.random((h, w)) < 0.1] = 255
+        Image.fromarray(image).save(tmp_path / "images" / f"{i:02d}.png")
+        Image.fromarray(label).save(tmp_path / "labels" / f"{i:02d}.png")
+        expected.update(torch.from_numpy(image[..., 0].astype(np.int64) % 3), torch.from_numpy(label.astype(np.int64)))
+    dataset = build_dataset("folder", str(tmp_path))
+    seg = _ColourSegmenter(3)
+    timings = {}
+    _, cm = evaluate(seg, dataset, workers=workers, batch_images=batch_images, load_batch=load_batch,
+                     progress=False, return_matrix=True, timings=timings)
+    assert torch.equal(cm.matrix, expected.matrix)
+    assert sum(seg.calls) == 11 and all(n >= min(batch_images, 11) for n in seg.calls[:-1])
+    assert max(seg.calls) < batch_images + load_batch  # a call never holds more than one loader batch extra
+    assert {"waiting for data", "segmenting (host)", "metric (host)"} <= set(timings)

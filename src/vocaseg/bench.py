@@ -16,6 +16,7 @@ import json
 import platform
 import resource
 import time
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -148,30 +149,37 @@ def _write_one(job) -> None:
     Image.fromarray(label).save(root / "labels" / f"{i:05d}.png")
 
 
-def time_eval(seg, root, workers: int, batch_images: int) -> list[dict]:
-    """``vocaseg eval`` over a folder dataset, and its two halves alone: reading the data (the
-    loader's workers decoding JPEGs and PNGs, nothing else) and the model on decoded images."""
+def time_eval(seg, root, workers: int, batch_images: int, load_batches: Sequence[int] = (8,)) -> list[dict]:
+    """``vocaseg eval`` over a folder dataset, and reading the data alone (the loader's workers
+    decoding JPEGs and PNGs, nothing else), once per loader batch size; each end-to-end row carries
+    the main process's seconds per stage (``timings``), which say where the time goes."""
     from .data.datasets import build_dataset
     from .evaluation import _collate, _Shard, evaluate
 
     dataset = build_dataset("folder", root)
     n = len(dataset)
     rows = []
-    loader = torch.utils.data.DataLoader(_Shard(dataset, list(range(n))), batch_size=batch_images,
-                                         num_workers=workers, collate_fn=_collate)
-    t0 = time.perf_counter()
-    for _ in loader:
-        pass
-    dt = time.perf_counter() - t0
-    rows.append({"setting": f"eval: data only ({workers} workers)", "images_per_s": n / dt, "seconds": dt})
     evaluate(seg, _Subset(dataset, batch_images), workers=0, batch_images=batch_images, progress=False)  # warm-up
-    _sync(seg.device)
-    t0 = time.perf_counter()
-    result = evaluate(seg, dataset, workers=workers, batch_images=batch_images, progress=False)
-    _sync(seg.device)
-    dt = time.perf_counter() - t0
-    rows.append({"setting": f"eval: end to end ({workers} workers, {batch_images} images a batch)",
-                 "images_per_s": n / dt, "seconds": dt, "mIoU": result["mIoU"]})
+    for load_batch in load_batches:
+        loader = torch.utils.data.DataLoader(_Shard(dataset, list(range(n))), batch_size=load_batch,
+                                             num_workers=workers, collate_fn=_collate)
+        t0 = time.perf_counter()
+        for _ in loader:
+            pass
+        dt = time.perf_counter() - t0
+        rows.append({"setting": f"eval: data only ({workers} workers, {load_batch} images a loader batch)",
+                     "images_per_s": n / dt, "seconds": dt})
+        timings: dict = {}
+        _sync(seg.device)
+        t0 = time.perf_counter()
+        result = evaluate(seg, dataset, workers=workers, batch_images=batch_images, progress=False,
+                          load_batch=load_batch, timings=timings)
+        _sync(seg.device)
+        dt = time.perf_counter() - t0
+        rows.append({"setting": f"eval: end to end ({workers} workers, {load_batch} images a loader batch, "
+                                f"{batch_images} a model call)",
+                     "images_per_s": n / dt, "seconds": dt, "mIoU": result["mIoU"],
+                     "timings": {k: round(v, 4) for k, v in timings.items()}})
     return rows
 
 
@@ -191,7 +199,8 @@ def run_bench(model: str = "ViT-B-16", device: str = "cpu", images: int | None =
               batch_sizes: tuple[int | None, ...] = (None,), precisions: tuple[str, ...] = ("auto",),
               threads: int | None = None, baseline: bool = False, json_path: str | None = None,
               settings: tuple[str, ...] | None = None, images_per_call: int = 64, text: bool = False,
-              eval_images: int = 0, eval_dir: str | None = None, workers: int = 8, batch_images: int = 64) -> dict:
+              eval_images: int = 0, eval_dir: str | None = None, workers: int = 8, batch_images: int = 64,
+              load_batches: Sequence[int] = (8,)) -> dict:
     from . import Segmenter
 
     if threads:
@@ -270,9 +279,11 @@ def run_bench(model: str = "ViT-B-16", device: str = "cpu", images: int | None =
             print(f"  folder dataset of {eval_images} JPEGs in {root} ({time.perf_counter() - t0:.1f} s to write)")
             s = seg.with_options(precision=precisions[0], batch_size=batch_sizes[0],
                                  **SETTINGS["sclip slide 336/224/112"])
-            for row in time_eval(s, root, workers, batch_images):
+            for row in time_eval(s, root, workers, batch_images, load_batches):
                 report["rows"].append(row)
                 print(f"  {row['setting']:<60} {row['images_per_s']:9.2f} images/s ({row['seconds']:.1f} s)")
+                if "timings" in row:
+                    print("      main process: " + ", ".join(f"{k} {v:.2f} s" for k, v in row["timings"].items()))
         finally:
             if eval_dir is None:
                 shutil.rmtree(root, ignore_errors=True)

@@ -617,7 +617,8 @@ def cmd_bench(args) -> int:
                       precisions=tuple(args.precision), threads=args.threads, baseline=args.baseline,
                       json_path=_per_device(args.json, device, len(devices) > 1), settings=args.setting,
                       images_per_call=args.images_per_call, text=args.text, eval_images=args.eval_images,
-                      eval_dir=args.eval_dir, workers=args.workers, batch_images=args.batch_images)
+                      eval_dir=args.eval_dir, workers=args.workers, batch_images=args.batch_images,
+                      load_batches=args.load_batch)
         except (ValueError, NotImplementedError) as err:
             raise UserError(str(err)) from None
     return 0
@@ -1222,7 +1223,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "and its data loading alone")
     p.add_argument("--eval-dir", default=None, help="where that dataset is written and kept (default: a temporary folder, removed afterwards)")
     p.add_argument("--workers", type=int, default=8, help="eval's data loading processes (default 8)")
-    p.add_argument("--batch-images", type=int, default=64, help="eval's images per batch (default 64)")
+    p.add_argument("--batch-images", type=int, default=64, help="eval's images per model call (default 64)")
+    p.add_argument("--load-batch", type=int, nargs="+", default=[8], metavar="N",
+                   help="eval's images per loader batch, one or more (default 8; regrouped into --batch-images calls)")
     p.set_defaults(func=cmd_bench)
     return parser
 

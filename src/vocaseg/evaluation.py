@@ -7,6 +7,7 @@ undefined (NaN) IoU and is left out of the means; a class present in the predict
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -232,14 +233,37 @@ def _unpack(batch, int64_labels: bool) -> tuple[list, np.ndarray]:
     return samples, labels
 
 
+def _model_calls(loader, batch_images: int, int64_labels: bool, timings: dict | None):
+    """The loader's small batches regrouped into model calls of ``batch_images`` images: (samples,
+    their labels as one flat buffer). Small loader batches reach the model sooner (a worker decodes 8
+    images, not 64, before the first forward can start) and keep every worker busy to the end."""
+    samples, labels, tick = [], [], time.perf_counter()
+    for batch in loader:
+        tock = time.perf_counter()
+        part, flat = _unpack(batch, int64_labels)
+        samples += part
+        labels.append(flat)
+        if timings is not None:
+            timings["waiting for data"] = timings.get("waiting for data", 0.0) + tock - tick
+            timings["unpacking"] = timings.get("unpacking", 0.0) + time.perf_counter() - tock
+        if len(samples) >= batch_images:
+            yield samples, (labels[0] if len(labels) == 1 else np.concatenate(labels, dtype=np.result_type(*labels)))
+            samples, labels = [], []
+        tick = time.perf_counter()
+    if samples:
+        yield samples, (labels[0] if len(labels) == 1 else np.concatenate(labels, dtype=np.result_type(*labels)))
+
+
 def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_images: int = 4, workers: int = 2,
              save_predictions: str | None = None, progress: bool = True, on_image=None,
-             return_matrix: bool = False) -> dict | tuple[dict, ConfusionMatrix]:
+             return_matrix: bool = False, load_batch: int = 8, timings: dict | None = None) -> dict | tuple[dict, ConfusionMatrix]:
     """Run ``segmenter`` over ``dataset`` and score it. Under torchrun each process takes every
     world_size-th image and the confusion matrices are summed before the metrics are computed.
 
     ``on_image(sample, prediction)``, if given, sees every image with its (H, W) int64 prediction on
-    the device (e.g. :class:`WorstImages`); ``return_matrix``: also return the summed confusion matrix."""
+    the device (e.g. :class:`WorstImages`); ``return_matrix``: also return the summed confusion matrix;
+    ``load_batch``: images per loader batch (regrouped into calls of ``batch_images``); ``timings``: a
+    dict that receives the main process's seconds per stage (the host's view: GPU work is queued)."""
     from pathlib import Path
 
     from tqdm import tqdm
@@ -248,8 +272,8 @@ def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_image
 
     rank, world = _distributed()
     indices = list(range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(_Shard(dataset, indices), batch_size=batch_images, num_workers=workers,
-                                         collate_fn=_collate, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(_Shard(dataset, indices), batch_size=max(1, min(load_batch, batch_images)),
+                                         num_workers=workers, collate_fn=_collate, persistent_workers=False)
     vocab = dataset.vocabulary
     cm = ConfusionMatrix(len(vocab), device=segmenter.device)
     out_dir = Path(save_predictions) if save_predictions else None
@@ -257,29 +281,41 @@ def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_image
         out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(indices), desc=f"eval {dataset.name}", unit="img", disable=not progress or rank != 0,
                dynamic_ncols=True)
-    for batch in loader:
-        samples, labels = _unpack(batch, int64_labels=on_image is not None)
+
+    def timed(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        if timings is not None:
+            timings[stage] = timings.get(stage, 0.0) + now - since
+        return now
+
+    for samples, labels in _model_calls(loader, batch_images, on_image is not None, timings):
+        t = time.perf_counter()
         results = segmenter.segment_arrays([s.image for s in samples], vocab)
         preds = [res.labels_tensor() for res in results]
         for sample, pred in zip(samples, preds):
             if tuple(pred.shape) != sample.label.shape:
                 raise ValueError(f"{sample.id}: prediction shape {tuple(pred.shape)} differs from ground truth "
                                  f"{sample.label.shape}")
-        # one update a batch against the batch's labels as they arrived (one flat buffer): on a GPU a
-        # pinned, asynchronous copy, so the host queues the next batch meanwhile
+        t = timed("segmenting (host)", t)
+        # one update a call against its labels as they arrived (one flat buffer): on a GPU a pinned,
+        # asynchronous copy, so the host queues the next call meanwhile
         target = torch.from_numpy(labels)
         if preds[0].is_cuda:
             target = target.pin_memory().to(preds[0].device, non_blocking=True)
         cm.update(torch.cat([p.flatten() for p in preds]), target)
+        t = timed("metric (host)", t)
         for sample, pred in zip(samples, preds):
             if on_image is not None:
                 on_image(sample, pred)
             if out_dir:
                 save_label_png(pred.cpu().numpy(), out_dir / f"{sample.id}.png")
         bar.update(len(samples))
+        timed("hooks, saving, progress", t)
     bar.close()
     cm.all_reduce()
-    result = cm.compute(dataset.classes, split)
+    t = time.perf_counter()
+    result = cm.compute(dataset.classes, split)  # reads the matrix back: waits for the device's queue
+    timed("waiting for the device at the end", t)
     result["num_images"] = len(dataset)
     return (result, cm) if return_matrix else result
 
