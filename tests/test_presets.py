@@ -63,7 +63,10 @@ def make_tree(root, dataset):
 REAL_PRESETS = [p for p in PRESETS if not p.startswith("synth")]
 
 
-@pytest.mark.parametrize("preset", REAL_PRESETS)
+# the VOC presets run by default (one annotation-free, one zero-shot); the others, which differ in
+# dataset layout and schedule numbers only, run with -m slow (each takes 12-25 s on the 2-core CPU)
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=[] if p in ("voc20", "voc_zs3") else [pytest.mark.slow])
+                                    for p in REAL_PRESETS])
 def test_preset_runs_on_a_tiny_tree(preset, tmp_path):
     values = PRESETS[preset]
     root = make_tree(tmp_path / "data", values["dataset"])
