@@ -89,12 +89,15 @@ def test_bench_times_precisions_and_the_baseline_in_one_run(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "toy", "--images", "2", "--device", "cpu", "--precision", "fp32", "int8",
                  "--baseline", "--json", str(out), "--text", "--eval-images", "3", "--eval-dir", str(tmp_path / "ds"),
-                 "--workers", "0", "--batch-images", "2"]) == 0
+                 "--workers", "0", "--batch-images", "2", "--load-batch", "1", "2"]) == 0
     report = json.loads(out.read_text())
     rows = [r for r in report["rows"] if "precision" in r]
     extra = {r["setting"].split(":")[0]: r for r in report["rows"] if "precision" not in r}
     assert extra["text 171 classes x 85 templates"]["seconds"] > 0 and extra["eval"]["images_per_s"] > 0
     assert len(list((tmp_path / "ds" / "images").glob("*.jpg"))) == 3
+    end_to_end = [r for r in report["rows"] if r["setting"].startswith("eval: end to end")]
+    assert len(end_to_end) == 2 and end_to_end[0]["mIoU"] == end_to_end[1]["mIoU"]  # the loader batch changes no number
+    assert all(r["timings"]["segmenting (host)"] > 0 for r in end_to_end)
     assert {r["precision"] for r in rows} == {"fp32", "int8"} and report["versions"]["torch"] == torch.__version__
     slide = [r for r in rows if r["setting"].startswith("sclip")]
     assert [r["path"] for r in slide][-1].startswith("per-window") and all(r["images_per_s"] > 0 for r in rows)
