@@ -233,25 +233,35 @@ def _unpack(batch, int64_labels: bool) -> tuple[list, np.ndarray]:
     return samples, labels
 
 
+def _timed(timings: dict | None, stage: str, since: float) -> float:
+    """Add the seconds since ``since`` to ``timings[stage]`` (when timings are kept); returns now."""
+    now = time.perf_counter()
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + now - since
+    return now
+
+
 def _model_calls(loader, batch_images: int, int64_labels: bool, timings: dict | None):
     """The loader's small batches regrouped into model calls of ``batch_images`` images: (samples,
     their labels as one flat buffer). Small loader batches reach the model sooner (a worker decodes 8
     images, not 64, before the first forward can start) and keep every worker busy to the end."""
+
+    def joined(flats: list[np.ndarray]) -> np.ndarray:
+        return flats[0] if len(flats) == 1 else np.concatenate(flats, dtype=np.result_type(*flats))
+
     samples, labels, tick = [], [], time.perf_counter()
     for batch in loader:
-        tock = time.perf_counter()
+        tock = _timed(timings, "waiting for data", tick)
         part, flat = _unpack(batch, int64_labels)
         samples += part
         labels.append(flat)
-        if timings is not None:
-            timings["waiting for data"] = timings.get("waiting for data", 0.0) + tock - tick
-            timings["unpacking"] = timings.get("unpacking", 0.0) + time.perf_counter() - tock
+        _timed(timings, "unpacking", tock)
         if len(samples) >= batch_images:
-            yield samples, (labels[0] if len(labels) == 1 else np.concatenate(labels, dtype=np.result_type(*labels)))
+            yield samples, joined(labels)
             samples, labels = [], []
         tick = time.perf_counter()
     if samples:
-        yield samples, (labels[0] if len(labels) == 1 else np.concatenate(labels, dtype=np.result_type(*labels)))
+        yield samples, joined(labels)
 
 
 def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_images: int = 4, workers: int = 2,
@@ -281,13 +291,6 @@ def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_image
         out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(indices), desc=f"eval {dataset.name}", unit="img", disable=not progress or rank != 0,
                dynamic_ncols=True)
-
-    def timed(stage: str, since: float) -> float:
-        now = time.perf_counter()
-        if timings is not None:
-            timings[stage] = timings.get(stage, 0.0) + now - since
-        return now
-
     for samples, labels in _model_calls(loader, batch_images, on_image is not None, timings):
         t = time.perf_counter()
         results = segmenter.segment_arrays([s.image for s in samples], vocab)
@@ -296,26 +299,26 @@ def evaluate(segmenter, dataset, split: ZeroShotSplit | None = None, batch_image
             if tuple(pred.shape) != sample.label.shape:
                 raise ValueError(f"{sample.id}: prediction shape {tuple(pred.shape)} differs from ground truth "
                                  f"{sample.label.shape}")
-        t = timed("segmenting (host)", t)
+        t = _timed(timings, "segmenting (host)", t)
         # one update a call against its labels as they arrived (one flat buffer): on a GPU a pinned,
         # asynchronous copy, so the host queues the next call meanwhile
         target = torch.from_numpy(labels)
         if preds[0].is_cuda:
             target = target.pin_memory().to(preds[0].device, non_blocking=True)
         cm.update(torch.cat([p.flatten() for p in preds]), target)
-        t = timed("metric (host)", t)
+        t = _timed(timings, "metric (host)", t)
         for sample, pred in zip(samples, preds):
             if on_image is not None:
                 on_image(sample, pred)
             if out_dir:
                 save_label_png(pred.cpu().numpy(), out_dir / f"{sample.id}.png")
         bar.update(len(samples))
-        timed("hooks, saving, progress", t)
+        _timed(timings, "hooks, saving, progress", t)
     bar.close()
     cm.all_reduce()
     t = time.perf_counter()
     result = cm.compute(dataset.classes, split)  # reads the matrix back: waits for the device's queue
-    timed("waiting for the device at the end", t)
+    _timed(timings, "waiting for the device at the end", t)
     result["num_images"] = len(dataset)
     return (result, cm) if return_matrix else result
 
