@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import assert_sigkill_resume_is_exact
 from vocaseg.cli import main
-from vocaseg.methods.clipteacher import (PRESETS, ClipTeacherModel, ClsBank, fuse_centres, glm_pool, ignored_tokens,
+from vocaseg.methods.clipteacher import (PRESETS, ClipTeacherModel, ClsBank, batched_kmeans, fuse_centres, glm_pool, ignored_tokens,
                                          info_nce, initial_centres, multiscale_kmeans, potential_regions, prototypes)
 from vocaseg.vocabulary import Vocabulary
 
@@ -59,6 +59,24 @@ def test_kmeans_clusters_only_ignored_tokens_and_separates_two_objects():
     regions = group[assign[2:]]
     assert len(set(regions[:, :4].flatten().tolist())) == 1 and len(set(regions[:, 4:].flatten().tolist())) == 1
     assert regions[0, 0] != regions[0, 7]
+
+
+def test_batched_kmeans_gives_each_image_its_own_clustering():
+    """All images are clustered in one call; each image's centres and assignment equal those of the
+    image clustered alone (no token or centre leaks across the batch), an image with no ignored token
+    gets no centre."""
+    torch.manual_seed(1)
+    protos = F.normalize(torch.randn(4, 16), dim=1)
+    tokens = F.normalize(protos[torch.randint(0, 4, (3, 10, 10))].permute(0, 3, 1, 2)
+                         + 0.3 * torch.randn(3, 16, 10, 10), dim=1)
+    mask = torch.rand(3, 10, 10) < 0.7
+    mask[1] = False
+    centres, used, assign = batched_kmeans(tokens, mask)
+    assert not used[1].any() and (assign[1] == -1).all()
+    for i in (0, 2):
+        alone_c, alone_a = multiscale_kmeans(tokens[i], mask[i])
+        torch.testing.assert_close(centres[i, used[i]], alone_c)
+        assert torch.equal(assign[i], alone_a) and int(assign[i].max()) + 1 == int(used[i].sum())
 
 
 def test_fusion_is_a_partition_on_a_hand_made_case():

@@ -133,65 +133,82 @@ def ignored_tokens(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(ignored, grid)[:, 0] > 0.5
 
 
-def initial_centres(tokens: torch.Tensor, mask: torch.Tensor, windows=(3, 7)) -> torch.Tensor:
-    """Centres from one image's tokens (D, h, w) and ignored mask (h, w): for each scale s, the mean of
-    the ignored tokens in each of the s x s blocks of the grid (Eq. 4-5, literal reading: 9 + 49
-    centres at any resolution); blocks holding no ignored token give none. (K, D), unit vectors."""
-    m = mask.float()[None]
-    centres = []
+def block_centres(tokens: torch.Tensor, mask: torch.Tensor, windows=(3, 7)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial centres for a batch: tokens (B, D, h, w), ignored mask (B, h, w). For each scale s, the
+    mean of the ignored tokens in each of the s x s blocks of the grid (Eq. 4-5, literal reading: 9 + 49
+    centres at any resolution). Returns (centres (B, K, D) unit vectors, valid (B, K)): a block holding
+    no ignored token gives no centre (valid False, its row zero)."""
+    m = mask.float()[:, None]
+    centres, valid = [], []
     for s in windows:
         size = (min(s, m.shape[-2]), min(s, m.shape[-1]))
-        count = F.adaptive_avg_pool2d(m, size).flatten(1)  # share of ignored tokens per block
-        summed = F.adaptive_avg_pool2d(tokens * m, size).flatten(1)  # (D, s*s), divided by the block size
-        keep = count[0] > 0
-        centres.append((summed[:, keep] / count[:, keep]).T)
-    return F.normalize(torch.cat(centres), dim=-1)
+        count = F.adaptive_avg_pool2d(m, size).flatten(2)  # (B, 1, S): share of ignored tokens per block
+        summed = F.adaptive_avg_pool2d(tokens * m, size).flatten(2)  # (B, D, S), divided by the block size
+        keep = count[:, 0] > 0
+        centres.append(torch.where(keep[:, None], summed / count.clamp_min(1e-12), 0).transpose(1, 2))
+        valid.append(keep)
+    return F.normalize(torch.cat(centres, 1), dim=-1), torch.cat(valid, 1)
+
+
+def initial_centres(tokens: torch.Tensor, mask: torch.Tensor, windows=(3, 7)) -> torch.Tensor:
+    """One image's initial centres (K, D) from tokens (D, h, w) and ignored mask (h, w)."""
+    centres, valid = block_centres(tokens[None].float(), mask[None], windows)
+    return centres[0, valid[0]]
+
+
+def batched_kmeans(tokens: torch.Tensor, mask: torch.Tensor, windows=(3, 7), iters: int = 10
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cosine k-means on each image's ignored tokens only, all images at once (no host syncs).
+    tokens (B, D, h, w) unit vectors, mask (B, h, w) bool. Returns (centres (B, K, D), used (B, K): the
+    centres that won at least one token, assignment (B, h, w) int64: the rank of its centre among the
+    image's used centres, -1 on tokens that are not ignored)."""
+    b, d = tokens.shape[:2]
+    x = F.normalize(tokens.float().flatten(2).transpose(1, 2), dim=-1)  # (B, N, D)
+    weight = mask.flatten(1).float()  # only ignored tokens move the centres
+    centres, valid = block_centres(tokens.float(), mask, windows)
+    k = centres.shape[1]
+
+    def nearest(c):
+        return (x @ c.transpose(1, 2)).masked_fill(~valid[:, None], float("-inf")).argmax(-1)  # (B, N)
+
+    for _ in range(iters):
+        assign = nearest(centres)
+        sums = torch.zeros_like(centres).scatter_add_(1, assign[..., None].expand(-1, -1, d), x * weight[..., None])
+        counts = torch.zeros(b, k, device=x.device).scatter_add_(1, assign, weight)
+        centres = torch.where(counts[..., None] > 0, F.normalize(sums, dim=-1), centres)  # empty: kept
+    assign = nearest(centres)
+    counts = torch.zeros(b, k, device=x.device).scatter_add_(1, assign, weight)
+    used = valid & (counts > 0)
+    rank = used.long().cumsum(1) - 1  # drop the centres that ended up empty, renumber the rest
+    assign = torch.where(mask.flatten(1), rank.gather(1, assign), -1)
+    return centres, used, assign.view(mask.shape)
 
 
 def multiscale_kmeans(tokens: torch.Tensor, mask: torch.Tensor, windows=(3, 7), iters: int = 10
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine k-means on one image's ignored tokens only. tokens (D, h, w) unit vectors, mask (h, w)
-    bool. Returns (centres (K, D) of the non-empty clusters, assignment (h, w) int64 with -1 on tokens
-    that are not ignored)."""
-    d = tokens.shape[0]
-    assign_map = torch.full(mask.shape, -1, dtype=torch.long, device=tokens.device)
-    if not mask.any():
-        return tokens.new_zeros(0, d), assign_map
-    x = F.normalize(tokens.flatten(1).T[mask.flatten()].float(), dim=-1)  # (n, D)
-    centres = initial_centres(tokens.float(), mask, windows)
-    for _ in range(iters):
-        assign = (x @ centres.T).argmax(1)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=len(centres))
-        centres = torch.where(counts[:, None] > 0, F.normalize(sums, dim=-1), centres)  # empty: kept
-    assign = (x @ centres.T).argmax(1)
-    used = torch.unique(assign)  # drop the centres that ended up empty, renumber the rest
-    remap = torch.full((len(centres),), -1, dtype=torch.long, device=x.device)
-    remap[used] = torch.arange(len(used), device=x.device)
-    assign_map[mask] = remap[assign]
-    return centres[used], assign_map
+    """One image: tokens (D, h, w), mask (h, w) -> (centres (K, D) of the non-empty clusters, assignment
+    (h, w) with -1 on tokens that are not ignored)."""
+    centres, used, assign = batched_kmeans(tokens[None], mask[None], windows, iters)
+    return centres[0, used[0]], assign[0]
 
 
-def fuse_centres(centres: torch.Tensor, threshold: float = 0.8) -> torch.Tensor:
-    """Group centres (K, D) whose cosine similarity exceeds ``threshold`` (Algorithm 1, lambda 0.8);
-    returns the group of each centre (K,), groups numbered 0..G-1.
+def fuse_similar(sim: torch.Tensor, threshold: float = 0.8) -> torch.Tensor:
+    """Group centres whose cosine similarity ``sim`` (K, K) exceeds ``threshold`` (Algorithm 1, lambda
+    0.8); returns the group of each centre (K,), groups numbered 0..G-1.
 
     CHOICE (the algorithm taken literally always picks the diagonal and can put one centre in several
     groups): NMS-like. While the most similar pair of free centres is above the threshold, its first
     centre and every free centre above the threshold to it form a group and are used up; each
-    leftover centre is a group of its own."""
-    k = len(centres)
+    leftover centre is a group of its own. Sequential and tiny (K <= 58): run on the host."""
+    k = len(sim)
     group = torch.full((k,), -1, dtype=torch.long)
-    if k == 0:
-        return group
-    sim = (F.normalize(centres.float(), dim=-1) @ F.normalize(centres.float(), dim=-1).T).cpu()
+    sim = sim.float().cpu().clone()
     sim.fill_diagonal_(float("-inf"))
     free = torch.ones(k, dtype=torch.bool)
     g = 0
     while free.sum() > 1:
         pair = sim.masked_fill(~(free[:, None] & free[None, :]), float("-inf"))
-        best = pair.max()
-        if best <= threshold:
+        if pair.max() <= threshold:
             break
         i = int(pair.argmax()) // k
         members = free & (sim[i] > threshold)
@@ -202,27 +219,38 @@ def fuse_centres(centres: torch.Tensor, threshold: float = 0.8) -> torch.Tensor:
     for i in free.nonzero().flatten().tolist():
         group[i] = g
         g += 1
-    return group.to(centres.device)
+    return group
+
+
+def fuse_centres(centres: torch.Tensor, threshold: float = 0.8) -> torch.Tensor:
+    """:func:`fuse_similar` on centres (K, D); the groups on the centres' device."""
+    unit = F.normalize(centres.float(), dim=-1)
+    return fuse_similar(unit @ unit.T, threshold).to(centres.device)
 
 
 def potential_regions(tokens: torch.Tensor, labels: torch.Tensor, windows=(3, 7), iters: int = 10,
                       threshold: float = 0.8) -> torch.Tensor:
     """The batch's potential-object regions on CLIP's grid: tokens (B, D, h, w) unit vectors, labels
     (B, H, W) with 255 where ignored -> (B, h, w) int64 region ids numbered across the batch (regions
-    are per image), -1 outside the ignored area."""
+    are per image), -1 outside the ignored area. One host round trip per batch: the clustering is
+    batched on the device, only the fusion (sequential, on <= 58 centres per image) runs on the host."""
     b, _, h, w = tokens.shape
     mask = ignored_tokens(labels, (h, w))
-    out = torch.full((b, h, w), -1, dtype=torch.long, device=tokens.device)
+    centres, used, assign = batched_kmeans(tokens, mask, windows, iters)
+    unit = F.normalize(centres, dim=-1)
+    sim, used_host = (unit @ unit.transpose(1, 2)).cpu(), used.cpu()
+    table = torch.full(used.shape, -1, dtype=torch.long)  # (B, K): rank of a used centre -> region id
     offset = 0
     for i in range(b):
-        centres, assign = multiscale_kmeans(tokens[i], mask[i], windows, iters)
-        if not len(centres):
+        keep = used_host[i]
+        if not keep.any():
             continue
-        group = fuse_centres(centres, threshold)
-        region = torch.where(assign >= 0, group[assign.clamp_min(0)] + offset, assign)
-        out[i] = region
+        group = fuse_similar(sim[i][keep][:, keep], threshold)
+        table[i, :len(group)] = group + offset
         offset += int(group.max()) + 1
-    return out
+    table = table.to(tokens.device)
+    region = table.gather(1, assign.flatten(1).clamp_min(0)).view_as(assign)
+    return torch.where(assign >= 0, region, -1)
 
 
 class VisionLanguageAdapter(nn.Module):
