@@ -12,9 +12,9 @@ from vocaseg.students import (STUDENTS, ASPPV2Head, Student, build_student, list
                               student_param_groups)
 
 NAMES = ["deeplabv2-r101", "deeplabv2-r50", "deeplabv3plus-r101", "deeplabv3plus-r50",
-         "deeplabv2-toy", "deeplabv2-toy-os4", "deeplabv3plus-toy"]
+         "deeplabv2-toy", "deeplabv2-toy-os4", "deeplabv3plus-toy", "fpn-toy"]
 STRIDES = {"deeplabv2-r101": 8, "deeplabv2-r50": 8, "deeplabv3plus-r101": 4, "deeplabv3plus-r50": 4,
-           "deeplabv2-toy": 8, "deeplabv2-toy-os4": 4, "deeplabv3plus-toy": 2}
+           "deeplabv2-toy": 8, "deeplabv2-toy-os4": 4, "deeplabv3plus-toy": 2, "fpn-toy": 4}
 D = 12
 
 

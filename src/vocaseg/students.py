@@ -16,6 +16,10 @@ Students are a backbone (which returns a low-level and a high-level feature map)
   (stride 4): layer3/layer4 dilated 2 and 4 instead, ASPP-v2 at 2, 4, 6, 8.
 - ``deeplabv3plus-toy`` (stride 2): the stride-8 toy backbone; a V3+ head at 64 channels (ASPP rates
   1, 2, 3) with its decoder on layer1's stride-2 features.
+- ``fpn-toy`` (stride 4): a plain (undilated) 4-stage toy ResNet, one block a stage, widths 32/64/128/192
+  at strides 2-16,
+  with an FPN-lite head (lateral 1x1 convs, top-down sum, one 3x3 conv) at 1/4 resolution; the student
+  of the CLIPTeacher spec's toy prototype (shared/specs/clipteacher.md, Sec. 7).
 - ``mlp-convnext-tiny`` / ``mlp-swin-tiny`` / ``mlp-swin-base`` (stride 4): a timm ``features_only``
   backbone (ImageNet weights from timm by default) with SegFormer's all-MLP head, as CLIPTeacher's
   SegFormer / Swin students; ``timm:NAME`` builds the same from any timm model with ``features_only``.
@@ -76,12 +80,11 @@ class Student(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward_features(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """Backbone features ``(low, high)``: layer1's output and layer4's (the last stage's)."""
+        """Backbone features: ``(low, high)``, layer1's output and layer4's, or every stage's (a pyramid)."""
         return self.backbone((pixels - self.mean) / self.std)
 
     def forward(self, pixels: Tensor) -> Tensor:
-        low, high = self.forward_features(pixels)
-        return self.head(low, high)
+        return self.head(*self.forward_features(pixels))
 
 
 def student_param_groups(student: Student) -> dict[str, list[nn.Parameter]]:
@@ -164,6 +167,16 @@ class ToyResNet(nn.Module):
         return low, self.layer4(self.layer3(self.layer2(low)))
 
 
+class ToyPyramid(ToyResNet):
+    """:class:`ToyResNet` returning every stage's output (finest first), for heads that fuse all levels."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        levels = [self.stem(x)]
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            levels.append(stage(levels[-1]))
+        return tuple(levels[1:])
+
+
 # ---------------------------------------------------------------------------------------------- heads
 class ASPPV2Head(nn.Module):
     """DeepLabV2's ASPP: parallel 3x3 conv-BN-ReLU branches at several dilations, outputs summed.
@@ -204,6 +217,26 @@ class DeepLabV3PlusHead(nn.Module):
     def forward(self, low: Tensor, high: Tensor) -> Tensor:
         x = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
         return self.proj(self.decoder(torch.cat([x, self.low_proj(low)], dim=1)))
+
+
+class FPNLiteHead(nn.Module):
+    """A light FPN: each level from ``first`` on is projected to ``width`` by a 1x1 conv, summed top-down
+    (the coarser map upsampled bilinearly onto the finer one), then one 3x3 conv-BN-ReLU and a plain 1x1
+    conv to D at the finest used level's resolution."""
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int, width: int = 64, first: int = 1) -> None:
+        super().__init__()
+        self.first = first
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels[first:])
+        self.smooth = _conv_bn_relu(width, width)
+        self.proj = nn.Conv2d(width, out_channels, 1)
+
+    def forward(self, *levels: Tensor) -> Tensor:
+        levels = levels[self.first:]
+        x = self.lateral[-1](levels[-1])
+        for lateral, level in zip(self.lateral[-2::-1], levels[-2::-1]):
+            x = lateral(level) + F.interpolate(x, size=level.shape[-2:], mode="bilinear", align_corners=False)
+        return self.proj(self.smooth(x))
 
 
 class AllMLPHead(nn.Module):
@@ -323,6 +356,16 @@ def _deeplabv2_toy(out_channels: int) -> Student:
 def _deeplabv2_toy_os4(out_channels: int) -> Student:
     backbone = ToyResNet(**TOY_WIDTHS, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
     return Student(backbone, ASPPV2Head(backbone.out_channels, out_channels, (2, 4, 6, 8)), stride=4,
+                   out_channels=out_channels)
+
+
+@register_student("fpn-toy")
+def _fpn_toy(out_channels: int) -> Student:
+    # the spec's toy prototype (about 1 M parameters): one block a stage at 1/2, 1/4, 1/8, 1/16; the head reads
+    # 1/4 to 1/16 and emits at 1/4
+    backbone = ToyPyramid(stem_widths=(16, 16, 32), widths=(32, 64, 128, 192), blocks=1, strides=(1, 2, 2, 2),
+                          dilations=(1, 1, 1, 1))
+    return Student(backbone, FPNLiteHead((32, 64, 128, 192), out_channels, width=64, first=1), stride=4,
                    out_channels=out_channels)
 
 
