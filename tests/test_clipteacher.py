@@ -253,8 +253,10 @@ def _train(args):
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("clipteacher") / "ct"
+    # deeplabv2-toy, not the preset's fpn-toy: at 48 px and batch 4 the stride-8 student's loss falls within 40
+    # steps, while fpn-toy's (a 3 x 3 coarsest map here) still swings by +-0.4 from batch to batch
     assert _train(["--out", str(out), "--steps", "40", "--batch-size", "4", "--lr", "2e-3", "--warmup", "5",
-                   "--checkpoint-every", "1000"]) == 0
+                   "--checkpoint-every", "1000", "--student", "deeplabv2-toy"]) == 0
     return out
 
 

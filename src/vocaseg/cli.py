@@ -1041,7 +1041,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pixels are supervised too. Unseen class names are never read in training. At test time gamma is "
         "added to the unseen classes (--calibration; `vocaseg eval --calibration G` sweeps it).",
         epilog="presets (the paper's schedules; values you pass win):\n"
-        "  synth               the toy recipe (toy CLIP, deeplabv2-toy from scratch, split synth_zs, 1500 steps)\n"
+        "  synth               the toy recipe (toy CLIP, fpn-toy from scratch, split synth_zs, 1500 steps)\n"
         "  voc_zs3             VOC 15/5, ViT-B/16 teacher, Swin-B + all-MLP head, 20k at batch 16\n"
         "  context_zs3         Pascal Context 49/10 over 59 classes (split context59_zs3), 40k\n"
         "  coco_stuff_zs3      COCO-Stuff 156/15, 80k\n\n"
@@ -1050,7 +1050,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  the seen-only baseline (same student, no teacher): --glm none --no-plm\n\n"
         "examples:\n"
         "  vocaseg train clipteacher --preset synth --out runs/ct                          # toy\n"
-        "  vocaseg train clipteacher --preset synth --student mlp-convnext-atto-toy --out runs/ct-mlp\n"
+        "  vocaseg train clipteacher --preset synth --student deeplabv2-toy --out runs/ct-deeplab\n"
         "  vocaseg train clipteacher --preset synth --glm none --no-plm --out runs/seen-only\n"
         "  vocaseg train clipteacher --preset voc_zs3 --data-root data/VOCdevkit --device cuda --out runs/voc-ct\n"
         "  vocaseg train clipteacher --out runs/ct --resume                                # continue exactly\n"
@@ -1062,7 +1062,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("CLIP, student and data")
     g.add_argument("--model", default=None, help="the CLIP ViT teacher: toy (default), an open_clip name, a folder")
     g.add_argument("--pretrained", default=None, help="its weights: a tag, a file, 'none' (default: 'default')")
-    g.add_argument("--student", default=None, help="deeplabv2-toy (synth default), mlp-convnext-atto-toy, "
+    g.add_argument("--student", default=None, help="fpn-toy (synth default), deeplabv2-toy, mlp-convnext-atto-toy, "
                    "deeplabv2-r101, mlp-swin-base, mlp-convnext-tiny, ..., or timm:NAME (any timm model with "
                    "features_only, all-MLP head)")
     g.add_argument("--student-weights", default=None, help="'default' (ImageNet for the real students), 'none', "

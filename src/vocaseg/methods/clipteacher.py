@@ -416,7 +416,7 @@ class ClipTeacherConfig(RunFields):
     train_split: str = "train"
     split_set: str | None = "synth_zs"
     templates: str = "maskclip85"
-    student: str = "deeplabv2-toy"
+    student: str = "fpn-toy"
     student_weights: str | None = "default"
     # global learning module
     glm: str = "attention"  # attention | mean | max | none
@@ -474,7 +474,9 @@ _REAL = dict(model="ViT-B-16", pretrained="openai", student="mlp-swin-base", aug
              poly_power=1.0, adapter_heads=8, templates="maskclip85")
 PRESETS: dict[str, dict] = {
     # the toy (shared/specs/clipteacher.md, Sec. 7): toy CLIP, a student from random weights, CPU-sized
-    "synth": dict(dataset="synth", split_set="synth_zs", model="toy", student="deeplabv2-toy", augment="synth",
+    # student: fpn-toy, the spec prototype's (stride 4, FPN-lite); deeplabv2-toy (stride 8) names far fewer
+    # hexagons (README, "CLIPTeacher")
+    "synth": dict(dataset="synth", split_set="synth_zs", model="toy", student="fpn-toy", augment="synth",
                   crop=96, steps=1500, batch_size=16, lr=2e-3, head_lr_mult=1.0, warmup=100, adapter_heads=4,
                   loss_stride=2),
     # VOC 15/5, background ignored in training and test (it receives regions), 20k
