@@ -17,9 +17,8 @@ Students are a backbone (which returns a low-level and a high-level feature map)
 - ``deeplabv3plus-toy`` (stride 2): the stride-8 toy backbone; a V3+ head at 64 channels (ASPP rates
   1, 2, 3) with its decoder on layer1's stride-2 features.
 - ``fpn-toy`` (stride 4): a plain (undilated) 4-stage toy ResNet, one block a stage, widths 32/64/128/192
-  at strides 2-16,
-  with an FPN-lite head (lateral 1x1 convs, top-down sum, one 3x3 conv) at 1/4 resolution; the student
-  of the CLIPTeacher spec's toy prototype (shared/specs/clipteacher.md, Sec. 7).
+  at strides 2-16, with an FPN-lite head (lateral 1x1 convs, top-down sum, one 3x3 conv) at 1/4
+  resolution; the student of the CLIPTeacher spec's toy prototype (shared/specs/clipteacher.md, Sec. 7).
 - ``mlp-convnext-tiny`` / ``mlp-swin-tiny`` / ``mlp-swin-base`` (stride 4): a timm ``features_only``
   backbone (ImageNet weights from timm by default) with SegFormer's all-MLP head, as CLIPTeacher's
   SegFormer / Swin students; ``timm:NAME`` builds the same from any timm model with ``features_only``.
@@ -79,7 +78,7 @@ class Student(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward_features(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_features(self, pixels: Tensor) -> tuple[Tensor, ...]:
         """Backbone features: ``(low, high)``, layer1's output and layer4's, or every stage's (a pyramid)."""
         return self.backbone((pixels - self.mean) / self.std)
 
@@ -162,19 +161,23 @@ class ToyResNet(nn.Module):
             layers.append(block)
         return nn.Sequential(*layers)
 
+    def stages(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every stage's output, finest first."""
+        levels = [self.stem(x)]
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            levels.append(stage(levels[-1]))
+        return tuple(levels[1:])
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        low = self.layer1(self.stem(x))
-        return low, self.layer4(self.layer3(self.layer2(low)))
+        levels = self.stages(x)
+        return levels[0], levels[-1]
 
 
 class ToyPyramid(ToyResNet):
     """:class:`ToyResNet` returning every stage's output (finest first), for heads that fuse all levels."""
 
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        levels = [self.stem(x)]
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            levels.append(stage(levels[-1]))
-        return tuple(levels[1:])
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.stages(x)
 
 
 # ---------------------------------------------------------------------------------------------- heads
@@ -220,19 +223,18 @@ class DeepLabV3PlusHead(nn.Module):
 
 
 class FPNLiteHead(nn.Module):
-    """A light FPN: each level from ``first`` on is projected to ``width`` by a 1x1 conv, summed top-down
-    (the coarser map upsampled bilinearly onto the finer one), then one 3x3 conv-BN-ReLU and a plain 1x1
-    conv to D at the finest used level's resolution."""
+    """A light FPN over the last ``len(in_channels)`` levels it is given (finer ones are skipped): each is
+    projected to ``width`` by a 1x1 conv, summed top-down (the coarser map upsampled bilinearly onto the
+    finer one), then one 3x3 conv-BN-ReLU and a plain 1x1 conv to D at the finest used level's resolution."""
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int, width: int = 64, first: int = 1) -> None:
+    def __init__(self, in_channels: Sequence[int], out_channels: int, width: int = 64) -> None:
         super().__init__()
-        self.first = first
-        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels[first:])
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
         self.smooth = _conv_bn_relu(width, width)
         self.proj = nn.Conv2d(width, out_channels, 1)
 
     def forward(self, *levels: Tensor) -> Tensor:
-        levels = levels[self.first:]
+        levels = levels[-len(self.lateral):]
         x = self.lateral[-1](levels[-1])
         for lateral, level in zip(self.lateral[-2::-1], levels[-2::-1]):
             x = lateral(level) + F.interpolate(x, size=level.shape[-2:], mode="bilinear", align_corners=False)
@@ -365,7 +367,7 @@ def _fpn_toy(out_channels: int) -> Student:
     # 1/4 to 1/16 and emits at 1/4
     backbone = ToyPyramid(stem_widths=(16, 16, 32), widths=(32, 64, 128, 192), blocks=1, strides=(1, 2, 2, 2),
                           dilations=(1, 1, 1, 1))
-    return Student(backbone, FPNLiteHead((32, 64, 128, 192), out_channels, width=64, first=1), stride=4,
+    return Student(backbone, FPNLiteHead((64, 128, 192), out_channels, width=64), stride=4,
                    out_channels=out_channels)
 
 
