@@ -1,7 +1,7 @@
 import os
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import open_clip
@@ -62,21 +62,33 @@ def saved_step(run: Path) -> int:
         return 0
 
 
+_KILL_AFTER_SAVE = """
+import os, signal, sys
+import vocaseg.training.loop as loop
+from vocaseg.cli import main
+
+save = loop.save_checkpoint
+def save_then_die(path, state):
+    save(path, state)
+    if state["step"] >= {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+loop.save_checkpoint = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def sigkill_after_step(argv: list[str], out: Path, step: int = 2, timeout: float = 300) -> int:
-    """Run ``vocaseg *argv --out out`` in a subprocess and SIGKILL it once its checkpoint holds ``step``
-    or more; returns the step the checkpoint holds then."""
-    proc = subprocess.Popen([sys.executable, "-m", "vocaseg.cli", *argv, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while saved_step(out) < step and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
+    """Run ``vocaseg *argv --out out`` in a subprocess that SIGKILLs itself right after its checkpoint of
+    ``step`` is written (deterministic: polling from outside raced a fast run under load and could see it
+    finish first); returns the step the checkpoint holds then."""
+    done = subprocess.run([sys.executable, "-c", _KILL_AFTER_SAVE.format(step=step), *argv, "--out", str(out)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    assert done.returncode == -signal.SIGKILL, f"expected a SIGKILL at step {step}: {done.stderr[-2000:]}"
     return saved_step(out)
 
 
-def assert_sigkill_resume_is_exact(argv: list[str], tmp_path: Path, steps: int = 6) -> None:
-    """``vocaseg *argv`` (a ``train METHOD`` command of ``steps`` steps that checkpoints every step) run
+def assert_sigkill_resume_is_exact(argv: list[str], tmp_path: Path) -> None:
+    """``vocaseg *argv`` (a ``train METHOD`` command of more than 2 steps that checkpoints every step) run
     straight, and again SIGKILLed mid-run then resumed with ``--resume``: the final weights are identical."""
     from safetensors.torch import load_file
 
@@ -84,7 +96,7 @@ def assert_sigkill_resume_is_exact(argv: list[str], tmp_path: Path, steps: int =
 
     assert main(argv + ["--out", str(tmp_path / "straight")]) == 0
     killed = tmp_path / "killed"
-    assert 2 <= sigkill_after_step(argv, killed) < steps and not (killed / "weights.safetensors").exists()
+    assert sigkill_after_step(argv, killed) == 2 and not (killed / "weights.safetensors").exists()
     assert main(argv[:2] + ["--out", str(killed), "--resume"]) == 0
     a, b = load_file(str(tmp_path / "straight" / "weights.safetensors")), load_file(str(killed / "weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
