@@ -27,9 +27,9 @@ FLOORS = {
     "toy-clip-rc": ("synth_zs", {"mIoU_seen": 49.0, "mIoU_unseen": 15.0}),
     # measured mIoU(S) 64.52, mIoU(U) 52.73, hIoU 58.03 (transductive from toy-clip-rc: mIoU(U) +35.7)
     "toy-clip-rc-trans": ("synth_zs", {"hIoU": 54.0, "mIoU_unseen": 49.0}),
-    # measured mIoU(S) 59.03, mIoU(U) 49.32, hIoU 53.74 at its gamma 1.5 (the seen-only baseline of the same
-    # student and recipe, seed 0: U 31.74, hIoU 44.79); the bar hIoU 60 is not met (README, "CLIPTeacher")
-    "toy-clipteacher": ("synth_zs", {"hIoU": 50.0, "mIoU_unseen": 45.0}),
+    # measured mIoU(S) 73.68, mIoU(U) 56.40, hIoU 63.89 at its gamma 1.5 (the synth preset, GLM mean pooling;
+    # the seen-only baseline of the same student and recipe, seed 0: U 31.74, hIoU 44.79; README, "CLIPTeacher")
+    "toy-clipteacher": ("synth_zs", {"hIoU": 60.0, "mIoU_unseen": 52.0}),
     # measured 37.96 mIoU, the GPU-sized recipe (synth: batch 128 x 2,400 steps, lr 4e-3, seed 0); MaskCLIP
     # scores 36.4-36.9 on these scenes, the CPU-sized recipe's seed 0 33.0 (README, "SegCLIP")
     "toy-segclip": (None, {"mIoU": 35.5}),

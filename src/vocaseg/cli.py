@@ -1041,7 +1041,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pixels are supervised too. Unseen class names are never read in training. At test time gamma is "
         "added to the unseen classes (--calibration; `vocaseg eval --calibration G` sweeps it).",
         epilog="presets (the paper's schedules; values you pass win):\n"
-        "  synth               the toy recipe (toy CLIP, fpn-toy from scratch, split synth_zs, 1500 steps)\n"
+        "  synth               the toy recipe (toy CLIP, fpn-toy from scratch, GLM mean pooling, split synth_zs, 1500 steps)\n"
         "  voc_zs3             VOC 15/5, ViT-B/16 teacher, Swin-B + all-MLP head, 20k at batch 16\n"
         "  context_zs3         Pascal Context 49/10 over 59 classes (split context59_zs3), 40k\n"
         "  coco_stuff_zs3      COCO-Stuff 156/15, 80k\n\n"
@@ -1075,7 +1075,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--templates", default=None, help="prompt templates of the text embeddings (default maskclip85)")
     g = t.add_argument_group("global learning module")
     g.add_argument("--glm", choices=["attention", "mean", "max", "none"], default=None,
-                   help="how the student's image vector is pooled (default attention; none: no GLM)")
+                   help="how the student's image vector is pooled (default attention, the paper's; the synth preset: mean; none: no GLM)")
     g.add_argument("--tau", type=float, default=None, help="InfoNCE temperature (default 0.07)")
     g.add_argument("--bank-size", type=int, default=None, help="steps of CLIP class tokens kept as negatives (24)")
     g = t.add_argument_group("pixel learning module")
