@@ -16,7 +16,6 @@ On the first ``--limit`` synth val scenes (whole image, 96 px, the synth protoco
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from vocaseg.backbone import CLIPBackbone
 from vocaseg.data.datasets import build_dataset
 from vocaseg.evaluation import ConfusionMatrix, get_split
 from vocaseg.loading import load_clip
+from vocaseg.methods.clipteacher import glm_attention
 from vocaseg.runs import find_run, read_run_info
 
 
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
         s = teachers[key]
         seg = Segmenter.from_pretrained(run, templates=ds.templates, **ds.protocol)
         model = seg.trained
-        r = torch.cat([model(images[i:i + 25]).float() for i in range(0, len(images), 25)]).flatten(2)  # B D L
-        w = torch.softmax(torch.einsum("bd,bdl->bl", s, r) / math.sqrt(r.shape[1]), dim=-1)
+        features = torch.cat([model(images[i:i + 25]).float() for i in range(0, len(images), 25)])
+        r, w = features.flatten(2), glm_attention(features, s)  # (B, D, L), (B, L)
         effective = (-(w * w.clamp_min(1e-12).log()).sum(-1)).exp()
         cos_attention = F.cosine_similarity(torch.einsum("bl,bdl->bd", w, r), s).mean()
         cos_mean = F.cosine_similarity(r.mean(-1), s).mean()

@@ -77,6 +77,14 @@ AUGMENTS = {"synth": SYNTH_TOY, "voc_coco": MMSEG_VOC_COCO, "context": MMSEG_CON
 
 
 # ---------------------------------------------------------------------------- global learning module
+def glm_attention(features: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The GLM's attention weights (B, h*w): CLIP's image embedding ``query`` (B, D) over the student's
+    features (B, D, h, w), ``softmax_l(S . R_l / sqrt(D))`` (Eq. 1)."""
+    r = features.flatten(2)
+    # CHOICE: raw S and R with the printed 1/sqrt(D): unit vectors would make the weights near uniform
+    return torch.softmax(torch.einsum("bd,bdl->bl", query.to(r.dtype), r) / math.sqrt(r.shape[1]), dim=-1)
+
+
 def glm_pool(features: torch.Tensor, query: torch.Tensor, pooling: str = "attention") -> torch.Tensor:
     """The student's image vector (B, D) from its features (B, D, h, w): attention with CLIP's image
     embedding ``query`` (B, D) as the query and the features as keys and values (Eq. 1-2), or the
@@ -86,9 +94,7 @@ def glm_pool(features: torch.Tensor, query: torch.Tensor, pooling: str = "attent
         return r.mean(-1)
     if pooling == "max":
         return r.amax(-1)
-    # CHOICE: raw S and R with the printed 1/sqrt(D): unit vectors would make the weights near uniform
-    weights = torch.softmax(torch.einsum("bd,bdl->bl", query.to(r.dtype), r) / math.sqrt(r.shape[1]), dim=-1)
-    return torch.einsum("bl,bdl->bd", weights, r)
+    return torch.einsum("bl,bdl->bd", glm_attention(features, query), r)
 
 
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None,
