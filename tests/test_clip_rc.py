@@ -184,6 +184,46 @@ def test_calibration_lowers_only_the_trained_classes(calibration):
     torch.testing.assert_close(scores, want)
 
 
+def test_ensemble_is_fc_clips_geometric_rule_on_the_untrained_classes_only():
+    clip = _encoder_inputs(layers=2)
+    model = ClipRcModel(clip, (0.5,) * 3, (0.25,) * 3,
+                        dict(ARCH, calibration=0.1, trained_classes=["cat", "dog"])).eval()
+    vocab = Vocabulary.parse(["cat", "bird", "dog", "sofa"])
+    clf = model.classifier(vocab, lambda names: F.normalize(torch.randn(len(names), 32), dim=-1))
+    x = torch.rand(2, 3, 64, 64)
+    paper = model.logits(x, clf)
+    assert torch.equal(model.logits(x, clf, ensemble=0.0), paper)  # 0: the paper's inference
+    with torch.no_grad():
+        g, image, r = model.encoder(clip.visual, (x - model.mean) / model.std, 4, "raw")
+    seen = torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 4, 1, 1)
+    head = paper.clamp_min(1e-4) / paper.clamp_min(1e-4).sum(1, keepdim=True)
+    cosine = torch.einsum("bdhw,cd->bchw", image, clf.weights)
+    clip_p = (model.ensemble_scale * cosine).softmax(1)
+    for beta in (0.6, 1.0):
+        w = beta * (1 - seen)
+        torch.testing.assert_close(model.logits(x, clf, ensemble=beta), head.pow(1 - w).log() + clip_p.pow(w).log())
+    # beta 1: the untrained classes are scored by cosine alone, the trained ones by the head alone
+    both = model.logits(x, clf, ensemble=1.0)
+    torch.testing.assert_close(both[:, 1::2], (model.ensemble_scale * cosine).log_softmax(1)[:, 1::2])
+    torch.testing.assert_close(both[:, ::2], head[:, ::2].log())
+    # the calibration passed in replaces the run's own inside the ensemble
+    lower = model.logits(x, clf, calibration=0.0, ensemble=0.6)
+    assert not torch.allclose(lower, model.logits(x, clf, ensemble=0.6))
+
+
+def test_ensemble_option_is_checked(toy_run):
+    from vocaseg import Segmenter
+
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        Segmenter.from_pretrained(str(toy_run), ensemble=1.5)
+    with pytest.raises(ValueError, match="CLIP-RC"):
+        Segmenter.from_pretrained("toy", ensemble=0.5)  # training-free MaskCLIP: nothing to ensemble
+    seg = Segmenter.from_pretrained(str(toy_run), ensemble=0.6)
+    image = (np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)
+    result = seg.predict(image, classes=["sky", "wood", "circle"])
+    assert result.labels.shape == (48, 48) and torch.isfinite(torch.as_tensor(result.probs)).all()
+
+
 # ---------------------------------------------------------------------------- training
 def _train(args):
     return main(["train", "clip-rc", "--crop", "48", "--decoder-heads", "4", "--decoder-ffn", "64",

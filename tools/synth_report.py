@@ -25,9 +25,11 @@ from vocaseg.data.synth import STUFF_CLASSES, THING_CLASSES
 from vocaseg.evaluation import evaluate, get_split
 
 
-def score(model: str, split: str, world_seed: int, split_set: str | None, limit: int | None, method: str | None):
+def score(model: str, split: str, world_seed: int, split_set: str | None, limit: int | None, method: str | None,
+          **options):
     ds = build_dataset("synth", split=split, length=limit, seed=world_seed)
-    seg = Segmenter.from_pretrained(model, method=method, templates=ds.templates, **ds.protocol)
+    options = {k: v for k, v in options.items() if v is not None}
+    seg = Segmenter.from_pretrained(model, method=method, templates=ds.templates, **ds.protocol, **options)
     zs = get_split(split_set, "synth") if split_set else None
     r = evaluate(seg, ds, zs, workers=0, batch_images=32, progress=False)
     iou = {c: (v["IoU"] if v["IoU"] is not None else 0.0) for c, v in r["per_class"].items()}
@@ -51,13 +53,16 @@ def main(argv=None) -> int:
     p.add_argument("--split-set", default=None)
     p.add_argument("--limit", type=int, default=None, help="first N scenes only")
     p.add_argument("--json", default=None)
+    p.add_argument("--calibration", type=float, default=None, help="zero-shot runs: instead of the run's own")
+    p.add_argument("--ensemble", type=float, default=None, help="clip-rc runs: the ensemble's beta (see vocaseg eval)")
     args = p.parse_args(argv)
 
     results = {}
     for split in args.splits:
         for ws in args.world_seeds:
             key = f"{split}" + (f"@world{ws}" if ws else "")
-            rows = {m: score(m, split, ws, args.split_set, args.limit, args.method) for m in args.models}
+            rows = {m: score(m, split, ws, args.split_set, args.limit, args.method,
+                                     calibration=args.calibration, ensemble=args.ensemble) for m in args.models}
             results[key] = rows
             cols = [c for c in next(iter(rows.values())) if c != "per_class"]
             print(f"\n{args.label or ''} synth {key}" + (f" ({args.limit} scenes)" if args.limit else ""))

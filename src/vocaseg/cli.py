@@ -63,6 +63,10 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16")
     g.add_argument("--calibration", type=float, default=None, metavar="G",
                    help="zero-shot runs (clip-rc, clipteacher): lower the trained (seen) classes' scores by G "
                    "against the unseen ones, instead of the run's own value; sweep it on val, not test")
+    g.add_argument("--ensemble", type=float, default=None, metavar="BETA",
+                   help="clip-rc runs: blend the head's scores of the classes it was not trained on with the "
+                   "cosine scores of its own CLIP features, weight BETA in [0, 1] (FC-CLIP's geometric "
+                   "ensemble; not in the CLIP-RC paper; the README's synth rows use 0.6)")
     g = p.add_argument_group("inference (defaults: the dataset's protocol, or SCLIP-style for segment)")
     g.add_argument("--mode", choices=["slide", "whole"], default=None)
     g.add_argument("--short-side", type=int, default=None, help="resize so the short side is N px (0: 1.5x model size)")
@@ -98,7 +102,7 @@ def _add_train_run_args(g, eval_help: str = "held-out split evaluated at the end
 def _inference_options(args, base: dict | None = None) -> dict:
     opts = dict(base or {})
     for key in ("mode", "short_side", "window", "stride", "logit_scale", "prob_threshold", "area_threshold",
-                "key_smoothing", "key_smoothing_mode", "prompt_denoising", "calibration"):
+                "key_smoothing", "key_smoothing_mode", "prompt_denoising", "calibration", "ensemble"):
         value = getattr(args, key)
         if value is not None:
             opts[key] = value

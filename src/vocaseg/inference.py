@@ -54,6 +54,9 @@ class InferenceConfig:
         scores of the classes the run was trained on are lowered against the others (equivalently,
         unseen ones raised), instead of the run's own value (CLIP-RC 0.1, CLIPTeacher 1.5). None: the
         run's own. Choose it on validation data, never on the test split.
+    ensemble: CLIP-RC runs: beta of the geometric ensemble of the head with the cosine scores of its
+        own prompted features for the classes the run was not trained on (FC-CLIP's rule, not in the
+        CLIP-RC paper; ``ClipRcModel.logits``). 0 / None: the paper's inference.
     """
 
     mode: str = "slide"
@@ -74,6 +77,7 @@ class InferenceConfig:
     # int8 quantisation of the image tower's Linears (training-free methods, ViT towers; quantize.py)
     precision: str = "auto"
     calibration: float | None = None
+    ensemble: float | None = None
 
     def __post_init__(self):
         if self.mode not in ("slide", "whole"):
@@ -89,6 +93,8 @@ class InferenceConfig:
             elif value is False:
                 object.__setattr__(self, name, None)
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if self.ensemble is not None and not 0 <= self.ensemble <= 1:
+            raise ValueError(f"ensemble is a weight in [0, 1] (the cosine branch's share), not {self.ensemble}")
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -363,7 +369,13 @@ class Segmenter:
             if int8:
                 raise ValueError("precision int8 quantises the CLIP image tower of the training-free methods; "
                                  f"run the trained {self.trained.name} in fp32 (or bf16/fp16 on a GPU)")
+            if self.config.ensemble and not getattr(self.trained, "supports_ensemble", False):
+                raise ValueError(f"ensemble applies to CLIP-RC runs; this is a {self.trained.name} run "
+                                 "(drop --ensemble)")
             return self.trained
+        if self.config.ensemble:
+            raise ValueError(f"ensemble applies to trained CLIP-RC runs, not the training-free {self.method} "
+                             "(drop --ensemble, or load a run with --model RUN)")
         if self.method not in RULES:
             raise ValueError(f"unknown method {self.method!r}; this segmenter runs {', '.join(self.methods)}")
         cfg = self.config
@@ -486,11 +498,17 @@ class Segmenter:
 
     def _grid_logits(self, pixels: torch.Tensor, classifier: Classifier) -> torch.Tensor:
         """(B,3,H,W) RGB windows in [0, 1] -> (B, C, H/stride, W/stride) float32 scores on the model's grid."""
+        inside = {}  # options the model applies itself
+        if self.config.ensemble:  # the ensemble takes calibrated scores: the calibration goes in too
+            inside["ensemble"] = self.config.ensemble
+            if self.config.calibration is not None:
+                inside["calibration"] = self.config.calibration
         with self._autocast():
-            logits = self.model.logits(pixels, classifier)
+            logits = self.model.logits(pixels, classifier, **inside)
         logits = logits.float()
         seen = classifier.extra.get("seen") if classifier.extra else None
-        if self.config.calibration is not None and seen is not None:  # replaces the run's own calibration
+        if self.config.calibration is not None and seen is not None and "calibration" not in inside:
+            # replaces the run's own calibration
             shift = getattr(self.model, "calibration", 0.0) - self.config.calibration
             logits = logits + shift * seen.to(logits.device).float().view(1, -1, 1, 1)
         return logits.clamp_min(LOGIT_FLOOR)

@@ -327,13 +327,37 @@ class ClipRcModel(DenseModel):
                                    self.arch["dense_rule"])
         return self.decoder(text.to(g.dtype), g, image, r, recover=recover)
 
+    supports_ensemble = True  # Segmenter(ensemble=BETA) / --ensemble: see logits()
+    ensemble_scale = 50.0  # softmax temperature of the cosine branch (toy val: 50 over 25; FC-CLIP: CLIP's 100)
+
     @torch.no_grad()
-    def logits(self, pixels: torch.Tensor, classifier: Classifier) -> torch.Tensor:
-        logits, _ = self(pixels, classifier.weights)
+    def logits(self, pixels: torch.Tensor, classifier: Classifier, calibration: float | None = None,
+               ensemble: float = 0.0) -> torch.Tensor:
+        """Sigmoid scores, the seen ones lowered by the calibration (the paper's inference). With
+        ``ensemble`` beta > 0 (not in the paper): FC-CLIP's geometric ensemble (Yu et al., NeurIPS
+        2023) of the head with the prompted tower's own patch features scored by cosine against the
+        text (MaskCLIP's rule, free: they are the decoder's input I). Per pixel, the calibrated head
+        scores normalised over classes, p_head, and softmax(scale * cos), p_clip, give
+        log p_head^(1 - w) p_clip^w, w = beta for the classes the run was not trained on and 0 for its
+        own (their head scores are the better ones). Why: the head, fitted to the seen text
+        embeddings, maps an unseen class near its nearest seen one (tools/clip_rc_diagnostics.py);
+        cosine keeps them apart. Returns log-probabilities then."""
+        calibration = self.calibration if calibration is None else calibration
+        g, image, r = self.encoder(self.clip.visual, (pixels - self.mean) / self.std, self.arch["regions"],
+                                   self.arch["dense_rule"])
+        logits, _ = self.decoder(classifier.weights.to(g.dtype), g, image, r)
         with full_precision(pixels.device):
-            scores = logits.float().sigmoid()
+            seen = classifier.extra["seen"].float().view(1, -1, 1, 1)
             # inductive calibration: the seen classes' scores are lowered so unseen ones can win
-            return scores - self.calibration * classifier.extra["seen"].float().view(1, -1, 1, 1)
+            scores = logits.float().sigmoid() - calibration * seen
+            if not ensemble:
+                return scores
+            head = scores.clamp_min(1e-4)
+            head = head / head.sum(1, keepdim=True)
+            cosine = torch.einsum("bdhw,cd->bchw", image.float(), classifier.weights.float())
+            clip = (self.ensemble_scale * cosine).log_softmax(1)
+            w = ensemble * (1 - seen)
+            return (1 - w) * head.log() + w * clip
 
 
 # ---------------------------------------------------------------------------- configuration
