@@ -7,7 +7,9 @@ On the synth_zs val scenes (whole image, 96 px) three predictions are scored:
 - ``decoder``: the run itself (its masks, with its calibration);
 - ``I (prompted)``: the run's own prompted image tower, each patch feature I scored by cosine against
   the text embeddings (MaskCLIP's rule on CLIP-RC's features, no decoder);
-- ``I (no prompts)``: the frozen CLIP under MaskCLIP's rule (the training-free baseline).
+- ``I (no prompts)``: the frozen CLIP under MaskCLIP's rule (the training-free baseline);
+- ``ensemble``: the run with ``--ensemble BETA`` (default 0.6): its head and the cosine scores of I
+  blended for the classes it was not trained on (``ClipRcModel.logits``).
 
 If the prompted features still score the unseen classes as MaskCLIP does while the decoder does
 not, the decoder is what fails to carry CLIP's alignment over to classes it never saw.
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("run")
     p.add_argument("--limit", type=int, default=100, help="first N val scenes (default 100)")
     p.add_argument("--checkpoint", default=None, help="score the weights of this state.pt instead")
+    p.add_argument("--ensemble", type=float, default=0.6, help="beta of the ensemble row (default 0.6)")
     args = p.parse_args(argv)
     ds = build_dataset("synth", split="val", length=args.limit)
     seg = Segmenter.from_pretrained(args.run, templates=ds.templates, **ds.protocol)
@@ -47,7 +50,8 @@ def main(argv=None) -> int:
     clf = model.classifier(vocab, seg.encode_text)
     split = get_split("synth_zs", "synth")
     size = (96, 96)
-    matrices = {k: ConfusionMatrix(len(vocab)) for k in ("decoder", "I (prompted)", "I (no prompts)")}
+    matrices = {k: ConfusionMatrix(len(vocab)) for k in ("decoder", "I (prompted)", "I (no prompts)",
+                                                         "ensemble")}
 
     def add(name, scores, label):
         pred = F.interpolate(scores, size=size, mode="bilinear", align_corners=False).argmax(1)[0]
@@ -63,6 +67,7 @@ def main(argv=None) -> int:
             pixels = (x - model.mean) / model.std
             _, image, _ = model.encoder(model.clip.visual, pixels, model.arch["regions"], model.arch["dense_rule"])
             add("decoder", model.logits(x, clf), label)
+            add("ensemble", model.logits(x, clf, ensemble=args.ensemble), label)
             add("I (prompted)", torch.einsum("bdhw,cd->bchw", image, clf.weights), label)
             plain = seg.backbone.dense(pixels, "maskclip").features
             add("I (no prompts)", torch.einsum("bdhw,cd->bchw", plain, clf.weights), label)
