@@ -15,9 +15,10 @@ If the prompted features still score the unseen classes as MaskCLIP does while t
 not, the decoder is what fails to carry CLIP's alignment over to classes it never saw.
 
 Then, for each unseen class and prediction: its recall and precision, where its pixels go (the two
-commonest predicted classes) and what the pixels predicted as it truly are (the two commonest), and the geometry of its text embedding against the seen ones (the share
-of its norm inside the span of the seen embeddings, its nearest seen class and their cosine): a head
-fitted on the seen embeddings sees an unseen one only through that span.
+commonest predicted classes) and what the pixels predicted as it truly are (the two commonest), and
+the geometry of its text embedding against the seen ones (the share of its norm inside the span of
+the seen embeddings, its nearest seen class and their cosine): a head fitted on the seen embeddings
+sees an unseen one only through that span.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
             label = F.interpolate(torch.from_numpy(sample.label)[None, None].float(), size=size,
                                   mode="nearest")[0, 0].long()
             pixels = (x - model.mean) / model.std
-            _, image, _ = model.encoder(model.clip.visual, pixels, model.arch["regions"], model.arch["dense_rule"])
+            _, image, _ = model.encode(x)
             add("decoder", model.logits(x, clf), label)
             add("ensemble", model.logits(x, clf, ensemble=args.ensemble), label)
             add("I (prompted)", torch.einsum("bdhw,cd->bchw", image, clf.weights), label)

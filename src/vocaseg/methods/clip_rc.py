@@ -321,10 +321,14 @@ class ClipRcModel(DenseModel):
         return Classifier(clf.class_embeddings(), torch.arange(c, device=device), c,
                           extra={"seen": trained_mask(vocab, self.trained_classes, device)})
 
+    def encode(self, pixels: torch.Tensor):
+        """RGB [0, 1] (B, 3, H, W) -> the prompted tower's G, I and R (see :class:`PromptedEncoder`)."""
+        return self.encoder(self.clip.visual, (pixels - self.mean) / self.std, self.arch["regions"],
+                            self.arch["dense_rule"])
+
     def forward(self, pixels: torch.Tensor, text: torch.Tensor, recover: bool = False):
         """RGB [0, 1] (B, 3, H, W), text (C, D) -> mask logits (B, C, H/stride, W/stride), recovery loss."""
-        g, image, r = self.encoder(self.clip.visual, (pixels - self.mean) / self.std, self.arch["regions"],
-                                   self.arch["dense_rule"])
+        g, image, r = self.encode(pixels)
         return self.decoder(text.to(g.dtype), g, image, r, recover=recover)
 
     supports_ensemble = True  # Segmenter(ensemble=BETA) / --ensemble: see logits()
@@ -343,8 +347,7 @@ class ClipRcModel(DenseModel):
         embeddings, maps an unseen class near its nearest seen one (tools/clip_rc_diagnostics.py);
         cosine keeps them apart. Returns log-probabilities then."""
         calibration = self.calibration if calibration is None else calibration
-        g, image, r = self.encoder(self.clip.visual, (pixels - self.mean) / self.std, self.arch["regions"],
-                                   self.arch["dense_rule"])
+        g, image, r = self.encode(pixels)
         logits, _ = self.decoder(classifier.weights.to(g.dtype), g, image, r)
         with full_precision(pixels.device):
             seen = classifier.extra["seen"].float().view(1, -1, 1, 1)
