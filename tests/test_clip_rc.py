@@ -194,7 +194,7 @@ def test_ensemble_is_fc_clips_geometric_rule_on_the_untrained_classes_only():
     paper = model.logits(x, clf)
     assert torch.equal(model.logits(x, clf, ensemble=0.0), paper)  # 0: the paper's inference
     with torch.no_grad():
-        g, image, r = model.encoder(clip.visual, (x - model.mean) / model.std, 4, "raw")
+        _, image, _ = model.encode(x)
     seen = torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 4, 1, 1)
     head = paper.clamp_min(1e-4) / paper.clamp_min(1e-4).sum(1, keepdim=True)
     cosine = torch.einsum("bdhw,cd->bchw", image, clf.weights)

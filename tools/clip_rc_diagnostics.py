@@ -83,9 +83,8 @@ def main(argv=None) -> int:
     names = list(vocab.names)
     print("\neach unseen class: where its pixels go, what is predicted as it, and its text embedding")
     for c in torch.nonzero(~seen).flatten().tolist():
-        row = [name for name in matrices]
         goes = []
-        for name in row:
+        for name in matrices:
             matrix = matrices[name].matrix[:, :len(names)].float()
             row_c, col_c = matrix[c], matrix[:, c]
 
