@@ -12,7 +12,7 @@ from conftest import tiny_clip
 from vocaseg import Segmenter
 from vocaseg.bench import per_window_logits
 from vocaseg.cli import main
-from vocaseg.quantize import Int8ReadySelfAttention, quantize_image_tower
+from vocaseg.quantize import Int8ReadySelfAttention, int8_engine, quantize_image_tower
 
 
 def _segmenter(kind, tokenizer, **config):
@@ -66,15 +66,35 @@ def test_int8_tower_is_close_and_leaves_the_original_untouched(tokenizer):
         quantize_image_tower(tiny_clip("resnet").visual)
 
 
-def test_int8_toy_quality_within_half_a_point_of_fp32():
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_cpu_fast_precisions_keep_toy_quality_within_half_a_point(precision):
     from vocaseg.data.datasets import build_dataset
     from vocaseg.evaluation import evaluate
 
     ds = build_dataset("synth", None, "val", length=60)
     seg = Segmenter.from_pretrained("toy", templates=ds.templates, **ds.protocol)
     fp32 = evaluate(seg.with_options(precision="fp32"), ds, None, workers=0, batch_images=32, progress=False)
-    int8 = evaluate(seg.with_options(precision="int8"), ds, None, workers=0, batch_images=32, progress=False)
-    assert abs(int8["mIoU"] - fp32["mIoU"]) < 0.5 and fp32["mIoU"] > 30
+    fast = evaluate(seg.with_options(precision=precision), ds, None, workers=0, batch_images=32, progress=False)
+    assert abs(fast["mIoU"] - fp32["mIoU"]) < 0.5 and fp32["mIoU"] > 30
+
+
+def test_int8_engine_is_onednn_only_with_amx_and_leaves_the_global_engine(monkeypatch):
+    monkeypatch.delenv("VOCASEG_INT8_ENGINE", raising=False)
+    engines = torch.backends.quantized.supported_engines
+    if "onednn" not in engines or "x86" not in engines:
+        pytest.skip(f"this torch build's int8 engines: {engines}")
+    before = torch.backends.quantized.engine
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert int8_engine() == "onednn"
+    quantize_image_tower(tiny_clip("vit").visual)
+    assert torch.backends.quantized.engine == before  # set for the packing only
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert int8_engine() == before
+    monkeypatch.setenv("VOCASEG_INT8_ENGINE", "fbgemm" if "fbgemm" in engines else "x86")
+    assert int8_engine() in ("fbgemm", "x86")
+    monkeypatch.setenv("VOCASEG_INT8_ENGINE", "tpu")
+    with pytest.raises(ValueError, match="VOCASEG_INT8_ENGINE=tpu"):
+        int8_engine()
 
 
 def test_int8_errors_name_the_fix(tmp_path, capsys):

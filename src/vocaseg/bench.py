@@ -86,14 +86,18 @@ def _versions() -> dict:
 
 def _cpu_name() -> str:
     """The CPU's model and the vector instructions torch uses on it: int8 and fp32 speeds depend on both
-    (the same 2-core machine type has been an AVX2 host one day and an AVX-512 host the next)."""
+    (the same 2-core machine type has been an AVX2 host, an AVX-512 host and an AMX host on different days)."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
-    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+    # the matrix instructions that decide int8 and bf16 speed (AMX tiles, VNNI dot products, bf16 FMAs)
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    extra = [label for key, label in (("amx_int8", "AMX-INT8"), ("amx_bf16", "AMX-BF16"), ("avx512_vnni", "AVX512-VNNI"),
+                                      ("avx_vnni", "AVX-VNNI"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)]
+    return ", ".join([name, torch.backends.cpu.get_cpu_capability(), *extra])
 
 
 def _row_text(row: dict) -> str:
@@ -241,6 +245,10 @@ def run_bench(model: str = "ViT-B-16", device: str = "cpu", images: int | None =
                 row = {"setting": name, "precision": precision, "window_batch": s._batch_size(), "path": "batched",
                        "images_per_s": images / dt, "windows_per_s": windows / dt,
                        "peak_memory_mb": _peak_memory_mb(dev)}
+                if precision == "int8":
+                    from .quantize import int8_engine
+
+                    row["int8_engine"] = int8_engine()
                 first = first or row
                 row["speedup_vs_first"] = row["images_per_s"] / first["images_per_s"]
                 report["rows"].append(row)

@@ -80,7 +80,8 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16")
                    help="windows per forward pass (default 4 on a CPU, 128 on a GPU)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"], default="auto",
                    help="auto: bf16 on a GPU, fp32 on the CPU; int8: dynamic int8 image tower on the CPU "
-                        "(training-free methods)")
+                        "(training-free methods); on CPUs with AMX (Xeon Sapphire Rapids and later) int8 and "
+                        "bf16 run 2-3x fp32 (README, Speed)")
 
 
 def _add_train_run_args(g, eval_help: str = "held-out split evaluated at the end (recorded, never used to "
@@ -1201,7 +1202,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline adds the official code's per-window loop; --text cold text embeddings (171 classes x 85 "
         "templates); --eval-images N `vocaseg eval` end to end on N generated JPEGs, and its data loading alone.",
         epilog="examples:\n"
-        "  vocaseg bench --precision fp32 int8                     # the CPU's int8 path against fp32\n"
+        "  vocaseg bench --precision fp32 int8 bf16                # the CPU's int8 and bf16 paths against fp32\n"
+        "  VOCASEG_INT8_ENGINE=x86 vocaseg bench --precision fp32 int8   # another int8 engine (default: onednn\n"
+        "                                                          # on CPUs with AMX, torch's x86 elsewhere)\n"
         "  vocaseg bench --device cuda --baseline --json gpu.json  # + the per-window loop of the official code\n"
         "  vocaseg bench --model toy --images 32\n"
         "  vocaseg bench --device cuda --batch-size 64 128 256 --text --eval-images 2000 --workers 14")
