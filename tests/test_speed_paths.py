@@ -84,11 +84,11 @@ def test_int8_engine_is_onednn_only_with_amx_and_leaves_the_global_engine(monkey
     if "onednn" not in engines or "x86" not in engines:
         pytest.skip(f"this torch build's int8 engines: {engines}")
     before = torch.backends.quantized.engine
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_int8": True}, raising=False)
     assert int8_engine() == "onednn"
     quantize_image_tower(tiny_clip("vit").visual)
     assert torch.backends.quantized.engine == before  # set for the packing only
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_int8": False}, raising=False)
     assert int8_engine() == before
     monkeypatch.setenv("VOCASEG_INT8_ENGINE", "fbgemm" if "fbgemm" in engines else "x86")
     assert int8_engine() in ("fbgemm", "x86")

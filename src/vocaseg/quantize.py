@@ -2,8 +2,9 @@
 
 Every Linear of the image tower runs as torch's dynamically quantised Linear (weights int8 per
 tensor, activations quantised per call from their observed range, int32 accumulation). The weights
-are packed for one of torch's int8 engines (:func:`int8_engine`): oneDNN on CPUs with AMX int8 tiles,
-whose int8 matrix products it runs on them, torch's default (x86) elsewhere. open_clip's attention keeps its q/k/v projection as one fused matrix inside
+are packed for one of torch's int8 engines (:func:`int8_engine`): oneDNN on CPUs with AMX int8
+tiles, on which it runs the int8 matrix products, torch's default (x86) elsewhere. open_clip's
+attention keeps its q/k/v projection as one fused matrix inside
 ``nn.MultiheadAttention``, which dynamic quantisation does not touch, so each block's attention is
 first rebuilt as :class:`Int8ReadySelfAttention` with that projection as an ordinary Linear (same
 weights, same computation in float32); the attention itself (softmax(QK^T)V), the layer norms, the
@@ -63,8 +64,8 @@ def int8_engine() -> str:
         if chosen not in engines:
             raise ValueError(f"VOCASEG_INT8_ENGINE={chosen}: this torch build's int8 engines are {', '.join(engines)}")
         return chosen
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    if amx and "onednn" in engines:
+    amx_int8 = getattr(torch.cpu, "get_capabilities", dict)().get("amx_int8", False)
+    if amx_int8 and "onednn" in engines:
         return "onednn"
     return torch.backends.quantized.engine
 
