@@ -66,9 +66,10 @@ def main(argv=None) -> int:
             label = F.interpolate(torch.from_numpy(sample.label)[None, None].float(), size=size,
                                   mode="nearest")[0, 0].long()
             pixels = (x - model.mean) / model.std
-            _, image, _ = model.encode(x)
-            add("decoder", model.logits(x, clf), label)
-            add("ensemble", model.logits(x, clf, ensemble=args.ensemble), label)
+            encoded = model.encode(x)  # one prompted-tower pass serves the three rows below
+            image = encoded[1]
+            add("decoder", model.scores(encoded, clf), label)
+            add("ensemble", model.scores(encoded, clf, ensemble=args.ensemble), label)
             add("I (prompted)", torch.einsum("bdhw,cd->bchw", image, clf.weights), label)
             plain = seg.backbone.dense(pixels, "maskclip").features
             add("I (no prompts)", torch.einsum("bdhw,cd->bchw", plain, clf.weights), label)

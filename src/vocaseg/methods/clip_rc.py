@@ -346,10 +346,17 @@ class ClipRcModel(DenseModel):
         own (their head scores are the better ones). Why: the head, fitted to the seen text
         embeddings, maps an unseen class near its nearest seen one (tools/clip_rc_diagnostics.py);
         cosine keeps them apart. Returns log-probabilities then."""
+        return self.scores(self.encode(pixels), classifier, calibration, ensemble)
+
+    @torch.no_grad()
+    def scores(self, encoded: tuple, classifier: Classifier, calibration: float | None = None,
+               ensemble: float = 0.0) -> torch.Tensor:
+        """:meth:`logits` from the tower's output ``encoded = self.encode(pixels)``, so one tower pass
+        can serve several inference rules (tools/clip_rc_diagnostics.py)."""
         calibration = self.calibration if calibration is None else calibration
-        g, image, r = self.encode(pixels)
+        g, image, r = encoded
         logits, _ = self.decoder(classifier.weights.to(g.dtype), g, image, r)
-        with full_precision(pixels.device):
+        with full_precision(g.device):
             seen = classifier.extra["seen"].float().view(1, -1, 1, 1)
             # inductive calibration: the seen classes' scores are lowered so unseen ones can win
             scores = logits.float().sigmoid() - calibration * seen
