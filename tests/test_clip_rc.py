@@ -84,6 +84,31 @@ def test_region_token_reads_only_its_region_and_the_class_token_never_reads_regi
     assert changed[0] > 1e-3 and torch.all(changed[1:] < 1e-6)
 
 
+def test_region_tokens_joining_before_a_late_class_token_read_only_their_region():
+    """--region-block 0 on a tower whose class token joins at block 1: in block 0 (no class token yet)
+    region token r reads only its own cell; joining at the class token's block is the default."""
+    clip = _encoder_inputs(layers=2, late=1)
+    enc = PromptedEncoder(64, 2, 16, n_prompts=2).eval()
+    x = torch.randn(1, 3, 64, 64)
+    outputs = []
+    # block 0's residual stream after its attention (the input of its second norm)
+    hook = clip.visual.transformer.resblocks[0].ln_2.register_forward_hook(lambda m, i, o: outputs.append(i[0]))
+    with torch.no_grad():
+        y = x.clone()
+        y[..., 32:, 32:] += 1.0  # cell 3 only
+        for pixels in (x, y):
+            enc(clip.visual, pixels, regions=4, region_block=0)
+        torch.testing.assert_close(enc(clip.visual, x, regions=4, region_block=1),
+                                   enc(clip.visual, x, regions=4))
+    hook.remove()
+    before, after = outputs[0], outputs[1]  # [2 prompts, 16 patches, 4 region tokens]
+    assert before.shape == (1, 2 + 16 + 4, 64)
+    changed = (after[0, -4:] - before[0, -4:]).abs().amax(-1)
+    assert changed[3] > 1e-3 and torch.all(changed[:3] < 1e-6)
+    with pytest.raises(ValueError, match="tower has 2 blocks"):
+        enc(clip.visual, x, regions=4, region_block=2)
+
+
 def test_prompts_enter_every_block_and_get_gradients():
     clip = _encoder_inputs(layers=3)
     enc = PromptedEncoder(64, 3, 16, n_prompts=4)

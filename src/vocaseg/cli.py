@@ -472,9 +472,9 @@ def cmd_train_segclip(args) -> int:
 
 
 CLIP_RC_OPTIONS = ("setting", "init", "model", "pretrained", "dataset", "data_root", "train_split", "split_set",
-                   "templates", "n_prompts", "deep_prompts", "regions", "fuse", "recovery_layers", "decoder_layers",
-                   "decoder_heads", "decoder_ffn", "dropout", "dense_rule", "calibration", "focal_weight",
-                   "dice_weight", "recovery_weight", "augment", "crop", "steps", "batch_size", "lr", "weight_decay",
+                   "templates", "n_prompts", "deep_prompts", "regions", "region_block", "fuse", "recovery_layers",
+                   "decoder_layers", "decoder_heads", "decoder_ffn", "dropout", "dense_rule", "calibration",
+                   "focal_weight", "dice_weight", "recovery_weight", "augment", "crop", "steps", "batch_size", "lr", "weight_decay",
                    "warmup", "eval_split", "eval_images", "eval_every", "synth_seed", "precision", "seed", "workers",
                    "checkpoint_every", "resume", "overwrite")
 
@@ -982,7 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  context_zs3[_trans]           Pascal Context 50/10 (background seen)\n"
         "  coco_stuff_zs3[_trans]        COCO-Stuff 156/15, 100 prompts, loss weights 200/3/50\n\n"
         "ablations: --regions 0 (no region tokens), --fuse cls|rlb|none, --recovery-layers 0,\n"
-        "           --dense-rule raw|maskclip, --regions 1|4|36\n\n"
+        "           --dense-rule raw|maskclip, --regions 1|4|36, --region-block 0 (toy: join early)\n\n"
         "examples:\n"
         "  vocaseg train clip-rc --preset synth --out runs/rc                     # inductive, toy\n"
         "  vocaseg train clip-rc --setting transductive --init runs/rc --out runs/rc-trans\n"
@@ -1009,6 +1009,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shallow-prompts", dest="deep_prompts", action="store_const", const=False, default=None,
                    help="prompts in the first block only (VPT-shallow)")
     g.add_argument("--regions", type=int, default=None, help="region tokens M, a square number (default 16; 0: none)")
+    g.add_argument("--region-block", type=int, default=None, metavar="N",
+                   help="region tokens join before block N (default: where the class token joins: 0 in "
+                   "open_clip's towers, 5 in the toy's)")
     g.add_argument("--fuse", choices=["both", "cls", "rlb", "none"], default=None,
                    help="tokens fused into the image tokens (default both)")
     g.add_argument("--recovery-layers", type=int, default=None, help="recovery decoder layers (default 1; 0: none)")

@@ -11,7 +11,8 @@ Read top to bottom:
    attention mask confines region token r to the patches of cell r of a sqrt(M) x sqrt(M) grid and
    itself; those patches also see it (the official code's two-way link); the class token, prompts
    and patches never see the other region tokens. Each region token becomes a class token of its
-   region. (:func:`rlb_attention_mask`)
+   region. (:func:`rlb_attention_mask`; ``region_block`` moves the join earlier, a toy ablation: the
+   toy's class token joins only before its last block, so its region tokens see one attention step)
 3. **Region alignment (RAM)**: per region m and class c the *relationship descriptor*
    ``[T_c * (R_m + G), T_c]`` (T: frozen text embedding, G: the class token, R_m: region token m),
    projected to the decoder width, is a class query; the image tokens are ``Linear([up(R), G, I])``.
@@ -136,28 +137,40 @@ class PromptedEncoder(nn.Module):
         source = self.shallow[0] if block == 0 else self.deep[block - 1]
         return self.prompt_dropout(self.prompt_proj(source)).expand(batch, -1, -1)
 
-    def forward(self, visual: nn.Module, pixels: torch.Tensor, regions: int, dense_rule: str = "raw"):
+    def forward(self, visual: nn.Module, pixels: torch.Tensor, regions: int, dense_rule: str = "raw",
+                region_block: int | None = None):
         """Normalised pixels (B, 3, H, W) -> G (B, D), I (B, D, h, w), R (B, D, s, s) or None; each
-        L2-normalised over D. ``regions``: M region tokens (a square number; 0: no bridge)."""
+        L2-normalised over D. ``regions``: M region tokens (a square number; 0: no bridge).
+        ``region_block``: the block the region tokens join before (None: where the class token joins,
+        the paper's rule; an ablation on the toy, whose class token joins late)."""
         x, cls, grid = vit_embed(visual, pixels)
         b, n = x.shape[0], x.shape[1]
         k = self.n_prompts
         side = math.isqrt(regions)
         joins = getattr(visual, "class_token_block", 0)
+        region_joins = joins if region_block is None else region_block
         blocks = visual.transformer.resblocks
+        if not 0 <= region_joins < len(blocks):
+            raise ValueError(f"region tokens cannot join before block {region_joins}: the tower has "
+                             f"{len(blocks)} blocks (0 to {len(blocks) - 1})")
         mask = rlb_attention_mask(grid, side, k, x.device) if regions else None
         seq = torch.cat([self.prompts(0, b), x], 1)  # [P, I] until the class token joins
-        joined = False
+        joined = regions_in = False
         for i, block in enumerate(blocks):
             offset = 1 if joined else 0
             if i > 0 and self.deep is not None:  # the last block's prompt outputs are dropped for new ones
                 seq = torch.cat([seq[:, :offset], self.prompts(i, b), seq[:, offset + k:]], 1)
             if i == joins:  # class token first, region tokens last, both ln_pre(e_cls + pos_0)
-                seq = torch.cat([cls, seq] + ([cls.expand(b, regions, -1)] if regions else []), 1)
+                seq = torch.cat([cls, seq], 1)
                 joined = True
+            if i == region_joins and regions:
+                seq = torch.cat([seq, cls.expand(b, regions, -1)], 1)
+                regions_in = True
+            # before the class token joins, its row and column of the mask are not there
+            block_mask = (mask if joined else mask[1:, 1:]) if regions_in else None
             last = i == len(blocks) - 1
             value_rows = slice(1 + k, 1 + k + n) if last and dense_rule == "maskclip" else None
-            seq = _run_block(block, seq, mask if joined else None, value_rows)
+            seq = _run_block(block, seq, block_mask, value_rows)
         main = self.prompt_norm(seq[:, :1 + k + n])  # every token but the region tokens
         tokens = torch.cat([main, seq[:, 1 + k + n:]], 1)
         out = F.normalize(visual.ln_post(tokens) @ visual.proj, dim=-1)
@@ -324,7 +337,7 @@ class ClipRcModel(DenseModel):
     def encode(self, pixels: torch.Tensor):
         """RGB [0, 1] (B, 3, H, W) -> the prompted tower's G, I and R (see :class:`PromptedEncoder`)."""
         return self.encoder(self.clip.visual, (pixels - self.mean) / self.std, self.arch["regions"],
-                            self.arch["dense_rule"])
+                            self.arch["dense_rule"], self.arch.get("region_block"))
 
     def forward(self, pixels: torch.Tensor, text: torch.Tensor, recover: bool = False):
         """RGB [0, 1] (B, 3, H, W), text (C, D) -> mask logits (B, C, H/stride, W/stride), recovery loss."""
@@ -389,6 +402,7 @@ class ClipRcConfig(RunFields):
     n_prompts: int = 10
     deep_prompts: bool = True
     regions: int = 16  # M region tokens (0: no bridge; ZegCLIP-like)
+    region_block: int | None = None  # the block region tokens join before (None: the class token's block)
     fuse: str = "both"  # which of the region and global tokens join the image tokens (Table 7)
     recovery_layers: int = 1  # 0: no recovery decoder
     decoder_layers: int = 3
@@ -520,7 +534,8 @@ class ClipRcRecipe(SegDatasetRecipe):
         self.class_names = [name for name, keep in zip(self.vocab.names, self.classes.tolist()) if keep]
         self.arch = {
             "crop": cfg.crop, "n_prompts": cfg.n_prompts, "deep_prompts": cfg.deep_prompts, "regions": cfg.regions,
-            "fuse": cfg.fuse, "recovery_layers": cfg.recovery_layers, "decoder_layers": cfg.decoder_layers,
+            "region_block": cfg.region_block, "fuse": cfg.fuse, "recovery_layers": cfg.recovery_layers,
+            "decoder_layers": cfg.decoder_layers,
             "decoder_heads": cfg.decoder_heads, "decoder_ffn": cfg.decoder_ffn, "dropout": cfg.dropout,
             "dense_rule": cfg.dense_rule, "calibration": cfg.calibration, "trained_classes": self.class_names}
         if self.init_info is not None:
