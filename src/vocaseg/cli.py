@@ -474,8 +474,8 @@ def cmd_train_segclip(args) -> int:
 CLIP_RC_OPTIONS = ("setting", "init", "model", "pretrained", "dataset", "data_root", "train_split", "split_set",
                    "templates", "n_prompts", "deep_prompts", "regions", "region_block", "fuse", "recovery_layers",
                    "decoder_layers", "decoder_heads", "decoder_ffn", "dropout", "dense_rule", "calibration",
-                   "focal_weight", "dice_weight", "recovery_weight", "augment", "crop", "steps", "batch_size", "lr", "weight_decay",
-                   "warmup", "eval_split", "eval_images", "eval_every", "synth_seed", "precision", "seed", "workers",
+                   "focal_weight", "dice_weight", "recovery_weight", "augment", "crop", "steps", "batch_size", "lr",
+                   "weight_decay", "warmup", "eval_split", "eval_images", "eval_every", "synth_seed", "precision", "seed", "workers",
                    "checkpoint_every", "resume", "overwrite")
 
 
