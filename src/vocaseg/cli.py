@@ -475,8 +475,8 @@ CLIP_RC_OPTIONS = ("setting", "init", "model", "pretrained", "dataset", "data_ro
                    "templates", "n_prompts", "deep_prompts", "regions", "region_block", "fuse", "recovery_layers",
                    "decoder_layers", "decoder_heads", "decoder_ffn", "dropout", "dense_rule", "calibration",
                    "focal_weight", "dice_weight", "recovery_weight", "augment", "crop", "steps", "batch_size", "lr",
-                   "weight_decay", "warmup", "eval_split", "eval_images", "eval_every", "synth_seed", "precision", "seed", "workers",
-                   "checkpoint_every", "resume", "overwrite")
+                   "weight_decay", "warmup", "eval_split", "eval_images", "eval_every", "synth_seed", "precision",
+                   "seed", "workers", "checkpoint_every", "resume", "overwrite")
 
 
 def cmd_train_clip_rc(args) -> int:

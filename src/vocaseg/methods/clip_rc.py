@@ -536,7 +536,8 @@ class ClipRcRecipe(SegDatasetRecipe):
             "crop": cfg.crop, "n_prompts": cfg.n_prompts, "deep_prompts": cfg.deep_prompts, "regions": cfg.regions,
             "region_block": cfg.region_block, "fuse": cfg.fuse, "recovery_layers": cfg.recovery_layers,
             "decoder_layers": cfg.decoder_layers, "decoder_heads": cfg.decoder_heads, "decoder_ffn": cfg.decoder_ffn,
-            "dropout": cfg.dropout, "dense_rule": cfg.dense_rule, "calibration": cfg.calibration, "trained_classes": self.class_names}
+            "dropout": cfg.dropout, "dense_rule": cfg.dense_rule, "calibration": cfg.calibration,
+            "trained_classes": self.class_names}
         if self.init_info is not None:
             differ = [k for k in self.arch if k not in ("calibration", "trained_classes")
                       and self.init_info["model"].get(k) != self.arch[k]]
