@@ -258,7 +258,7 @@ def _train(args):
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cliprc") / "rc"
-    assert _train(["--out", str(out), "--steps", "40", "--batch-size", "4", "--lr", "1e-3", "--warmup", "5"]) == 0
+    assert _train(["--out", str(out), "--steps", "40", "--batch-size", "4", "--lr", "3e-4", "--warmup", "5"]) == 0
     return out
 
 
@@ -328,6 +328,21 @@ def test_training_labels_of_each_setting(toy_run, tmp_path):
     was = labels_in == UNLABELED
     assert was.any() and torch.isin(out[was], torch.tensor(unseen)).all()
     assert torch.equal(out[~was], labels_in[~was])
+
+
+def test_synth_crop_sets_the_worlds_scale_in_training_and_test(tmp_path):
+    """--crop on the synth world scales the scene (the papers train at ~2.3x CLIP's size) rather than
+    cutting pieces out of it, and the run is tested at the scale it was trained at."""
+    from vocaseg.methods.clip_rc import ClipRcRecipe, make_config
+
+    common = dict(decoder_heads=4, decoder_ffn=64, progress=False, eval_images=0)
+    for crop in (96, 144):
+        recipe = ClipRcRecipe(make_config("synth", out=str(tmp_path / f"c{crop}"), crop=crop, **common))
+        stream = recipe.dataset()
+        assert stream.augment.config.base_size == crop and stream.augment.config.crop == crop
+        pixels, labels = stream[0]
+        assert pixels.shape[-2:] == labels.shape[-2:] == (crop, crop)
+        assert recipe.inference_options() == {"mode": "whole", "short_side": crop}
 
 
 def test_transductive_starts_from_the_inductive_weights(toy_run, tmp_path):

@@ -8,7 +8,8 @@ Runs given together are treated as seeds of one recipe: the table shows each, th
 standard deviation. Columns: mIoU, stuff and things IoU (means over the 6 stuff / 10 thing classes),
 and with ``--split-set`` mIoU(S), mIoU(U), hIoU and each unseen class. ``--world-seeds`` also scores
 scenes drawn from other seeds of the world (not the one anything was trained on). ``--json`` writes all
-numbers. Evaluation is whole image at 96 px, 85 templates (the synth protocol of ``vocaseg eval``).
+numbers. Evaluation is whole image at 96 px (or the scale a run was trained at), 85 templates (the synth protocol
+of ``vocaseg eval``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from vocaseg import Segmenter
 from vocaseg.data.datasets import build_dataset
 from vocaseg.data.synth import STUFF_CLASSES, THING_CLASSES
 from vocaseg.evaluation import evaluate, get_split
+from vocaseg.runs import run_inference_defaults
 
 
 def score(model: str, split: str, world_seed: int, split_set: str | None, limit: int | None, method: str | None,
           **options):
     ds = build_dataset("synth", split=split, length=limit, seed=world_seed)
-    options = {k: v for k, v in options.items() if v is not None}
-    seg = Segmenter.from_pretrained(model, method=method, templates=ds.templates, **ds.protocol, **options)
+    # the dataset's protocol, then a run's own (e.g. the scale it was trained at), then the flags: as `vocaseg eval`
+    options = {**ds.protocol, **run_inference_defaults(model), **{k: v for k, v in options.items() if v is not None}}
+    seg = Segmenter.from_pretrained(model, method=method, templates=ds.templates, **options)
     zs = get_split(split_set, "synth") if split_set else None
     r = evaluate(seg, ds, zs, workers=0, batch_images=32, progress=False)
     iou = {c: (v["IoU"] if v["IoU"] is not None else 0.0) for c, v in r["per_class"].items()}

@@ -1028,7 +1028,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dice-weight", type=float, default=None, help="default 1")
     g.add_argument("--recovery-weight", type=float, default=None, help="default 2")
     g.add_argument("--augment", default=None, choices=["synth", "mmseg"])
-    g.add_argument("--crop", type=int, default=None)
+    g.add_argument("--crop", type=int, default=None,
+                   help="training crop = the model's input size (real presets 512; synth 96). With --augment "
+                   "synth the 96 px scenes are drawn at this scale and tested at it: --crop 192 trains and tests "
+                   "the world at 2x, a 24 x 24 patch grid for the toy, as the papers' 512 crops are 2.3x CLIP's 224")
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-4)")

@@ -557,7 +557,10 @@ class ClipRcRecipe(SegDatasetRecipe):
 
     def dataset(self):
         cfg = self.cfg
-        augment = JointAugment(AugmentConfig(**{**asdict(AUGMENTS[cfg.augment]), "crop": cfg.crop}))
+        aug = {**asdict(AUGMENTS[cfg.augment]), "crop": cfg.crop}
+        if cfg.augment == "synth":  # the scene is drawn at the crop's scale: --crop 192 is the 96 px world at 2x
+            aug["base_size"] = cfg.crop
+        augment = JointAugment(AugmentConfig(**aug))
         # ground truth -> training labels: class ids of the trained classes (inductive: remapped to
         # 0..C_S-1), -1 at unseen pixels to pseudo-label (transductive), 255 elsewhere
         lut = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
@@ -591,7 +594,9 @@ class ClipRcRecipe(SegDatasetRecipe):
 
     def inference_options(self, data=None) -> dict:
         cfg = self.cfg
-        options = PRESET_INFERENCE.get(cfg.preset or "", {"mode": "whole", "short_side": cfg.crop})
+        options = dict(PRESET_INFERENCE.get(cfg.preset or "", {"mode": "whole", "short_side": cfg.crop}))
+        if cfg.augment == "synth":  # test at the scale it was trained at
+            options["short_side"] = cfg.crop
         return ({**data.protocol} if data is not None else {}) | options
 
     def export(self, module, out: Path, summary: dict) -> None:
