@@ -154,6 +154,34 @@ def test_descriptors_and_decoder_shapes():
     assert not torch.allclose(both.image_tokens(g, image, r), both.image_tokens(torch.randn(b, d), image, r))
 
 
+
+def test_patch_context_is_a_residual_3x3_stack_on_the_image_tokens():
+    """--patch-context N (a toy diagnostic, not the paper's): N 3x3 convolutions over the image tokens,
+    added to them; with those convolutions zeroed the decoder is the paper's decoder."""
+    torch.manual_seed(0)
+    b, d, c = 2, 16, 5
+    text, g, image = F.normalize(torch.randn(c, d), dim=-1), torch.randn(b, d), torch.randn(b, d, 6, 6)
+    plain = RegionDecoder(d, layers=1, heads=4, ffn=32).eval()
+    ctx = RegionDecoder(d, layers=1, heads=4, ffn=32, patch_context=2).eval()
+    convs = [m for m in ctx.context if isinstance(m, torch.nn.Conv2d)]
+    assert plain.context is None and len(convs) == 2 and all(m.kernel_size == (3, 3) for m in convs)
+    ctx.load_state_dict(plain.state_dict(), strict=False)
+    assert not torch.allclose(ctx(text, g, image, None)[0], plain(text, g, image, None)[0])
+    for m in convs:
+        torch.nn.init.zeros_(m.weight), torch.nn.init.zeros_(m.bias)
+    torch.testing.assert_close(ctx(text, g, image, None)[0], plain(text, g, image, None)[0])
+
+
+def test_patch_context_is_stored_only_when_used(tmp_path):
+    """Runs from before the switch (no patch_context in method.json) still load, and a run's arch names it
+    only when it is on, so --init from an older run is not refused for a field it never had."""
+    from vocaseg.methods.clip_rc import ClipRcRecipe, make_config
+
+    common = dict(crop=48, decoder_heads=4, decoder_ffn=64, progress=False, eval_images=0)
+    assert "patch_context" not in ClipRcRecipe(make_config("synth", out=str(tmp_path / "a"), **common)).arch
+    recipe = ClipRcRecipe(make_config("synth", out=str(tmp_path / "b"), patch_context=2, **common))
+    assert recipe.arch["patch_context"] == 2 and recipe.build().decoder.context is not None
+
 # ---------------------------------------------------------------------------- the loss
 def test_focal_dice_loss_equals_its_formula():
     torch.manual_seed(1)
@@ -328,6 +356,29 @@ def test_training_labels_of_each_setting(toy_run, tmp_path):
     was = labels_in == UNLABELED
     assert was.any() and torch.isin(out[was], torch.tensor(unseen)).all()
     assert torch.equal(out[~was], labels_in[~was])
+
+
+def test_cross_entropy_ablation_ignores_unseen_pixels(tmp_path):
+    """--loss ce: softmax cross-entropy over the trained classes on the upsampled mask logits, unseen and
+    ignored pixels left out (not negatives, as in focal + dice); unknown losses are refused."""
+    from vocaseg.methods.clip_rc import ClipRcRecipe, make_config
+
+    with pytest.raises(ValueError, match="loss must be one of focal_dice, ce"):
+        make_config("synth", out=str(tmp_path / "x"), loss="softmax")
+    common = dict(crop=48, decoder_heads=4, decoder_ffn=64, progress=False, eval_images=0, recovery_layers=0)
+    recipe = ClipRcRecipe(make_config("synth", out=str(tmp_path / "ce"), loss="ce", **common))
+    torch.manual_seed(0)
+    module = recipe.build().eval()  # no dropout: two forwards give the same logits
+    stream = recipe.dataset()
+    pixels, labels = recipe.collate([stream[i] for i in range(2)])
+    assert (labels == 255).any() and (labels < 255).any()
+    loss, parts = recipe.training_step(module, (pixels, labels), 1)
+    assert set(parts) == {"loss_ce"}
+    logits, _ = module(pixels, recipe.text)
+    up = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    keep = labels < 255
+    want = -up.log_softmax(1).gather(1, labels.clamp(max=up.shape[1] - 1)[:, None])[:, 0][keep].mean()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
 
 
 def test_synth_crop_sets_the_worlds_scale_in_training_and_test(tmp_path):

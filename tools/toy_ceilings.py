@@ -12,9 +12,11 @@ scores bilinearly; its tower stays frozen. Two ceilings tell what that costs on 
   has a 12 x 12 grid.
 - ``--probe``: with every class labelled (the synth train split), heads trained on the frozen toy
   CLIP's dense features (MaskCLIP's value path at 96 px, 12 x 12, what CLIP-RC's preset decodes): a
-  linear 1x1 classifier, and two 3x3 convolutions (256 channels). Cross-entropy on the upsampled
-  scores; AdamW, one-cycle lr 1e-3, batch 32. They measure how much of the scene the frozen
-  features carry, without prompts.
+  linear 1x1 classifier, a per-patch MLP (two 1x1 convolutions, 256 channels: no neighbours, as a
+  head that scores each patch alone) and two 3x3 convolutions (256 channels). Cross-entropy on the upsampled
+  scores (``--loss focal_dice``: CLIP-RC's per-class sigmoid focal x100 + dice x1 instead); AdamW,
+  one-cycle lr 1e-3, batch 32. They measure how much of the scene the frozen features carry, without
+  prompts, and (with the two losses) what the loss alone costs a head.
 
 All scored on the synth val split (whole image, short side 96, labels at full size) with synth_zs's
 seen/unseen columns; stuff and things are the means over the 6 stuff / 10 thing classes.
@@ -34,6 +36,7 @@ from vocaseg import Segmenter
 from vocaseg.data.datasets import build_dataset
 from vocaseg.data.synth import STUFF_CLASSES
 from vocaseg.evaluation import ConfusionMatrix, get_split
+from vocaseg.methods.clip_rc import focal_dice_loss
 
 SIZE = 96  # the synth protocol's short side (the scenes are square)
 
@@ -76,20 +79,31 @@ def frozen_features(seg: Segmenter, ds, n: int, batch: int = 50) -> tuple[torch.
     return torch.cat(feats), torch.cat(labels)
 
 
-def probe(train, val, names, seed: int, steps: int) -> None:
+HEADS = {
+    "linear": ("linear 1x1", lambda dim, classes: nn.Conv2d(dim, classes, 1)),
+    "mlp": ("two 1x1 convs (256)", lambda dim, classes: nn.Sequential(nn.Conv2d(dim, 256, 1), nn.GELU(),
+                                                                    nn.Conv2d(256, classes, 1))),
+    "conv3": ("two 3x3 convs (256)", lambda dim, classes: nn.Sequential(nn.Conv2d(dim, 256, 3, padding=1), nn.GELU(),
+                                                                      nn.Conv2d(256, classes, 3, padding=1))),
+}
+
+
+def probe(train, val, names, seed: int, steps: int, loss_name: str = "ce", heads=("linear", "conv3")) -> None:
     (x_train, y_train), (x_val, y_val) = train, val
     dim, classes = x_train.shape[1], len(names)
-    torch.manual_seed(seed)
-    heads = {"linear 1x1": nn.Conv2d(dim, classes, 1),
-             "two 3x3 convs (256)": nn.Sequential(nn.Conv2d(dim, 256, 3, padding=1), nn.GELU(),
-                                                  nn.Conv2d(256, classes, 3, padding=1))}
-    for name, head in heads.items():
+    for key in heads:
+        torch.manual_seed(seed)
+        name, head = HEADS[key][0], HEADS[key][1](dim, classes)
         opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps)
         for _ in range(steps):
             idx = torch.randint(0, len(x_train), (32,))
             scores = F.interpolate(head(x_train[idx]), size=y_train.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(scores, y_train[idx], ignore_index=255)
+            if loss_name == "ce":
+                loss = F.cross_entropy(scores, y_train[idx], ignore_index=255)
+            else:  # CLIP-RC's weights (VOC's official 100 / 1)
+                focal, dice = focal_dice_loss(scores, y_train[idx])
+                loss = 100 * focal + dice
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -100,7 +114,7 @@ def probe(train, val, names, seed: int, steps: int) -> None:
                 scores = F.interpolate(head(x_val[i:i + 50]), size=y_val.shape[-2:], mode="bilinear",
                                        align_corners=False)
                 matrix.update(scores.argmax(1), y_val[i:i + 50])
-        row(f"probe seed {seed}: {name}", matrix, names)
+        row(f"probe seed {seed}, {loss_name}: {name}", matrix, names)
 
 
 def main(argv=None) -> int:
@@ -110,6 +124,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="probe seeds (init and batch order)")
     p.add_argument("--train-scenes", type=int, default=3000, help="probe training scenes (default 3000)")
     p.add_argument("--steps", type=int, default=1500, help="probe steps (default 1500)")
+    p.add_argument("--heads", nargs="+", choices=list(HEADS), default=["linear", "conv3"],
+                   help="probe heads: linear (1x1), mlp (two 1x1 convs), conv3 (two 3x3 convs)")
+    p.add_argument("--loss", nargs="+", choices=["ce", "focal_dice"], default=["ce"],
+                   help="probe losses: ce (softmax cross-entropy) and/or focal_dice (CLIP-RC's sigmoid focal + dice)")
     args = p.parse_args(argv)
     val = build_dataset("synth", split="val")
     grid_ceiling(val, args.grids)
@@ -119,8 +137,9 @@ def main(argv=None) -> int:
         train = frozen_features(seg, build_dataset("synth", split="train"), args.train_scenes)
         held = frozen_features(seg, val, len(val))
         print(f"features of {args.train_scenes} train and {len(val)} val scenes in {time.time() - t0:.0f} s", flush=True)
-        for seed in args.seeds:
-            probe(train, held, val.vocabulary.names, seed, args.steps)
+        for loss_name in args.loss:
+            for seed in args.seeds:
+                probe(train, held, val.vocabulary.names, seed, args.steps, loss_name, args.heads)
     return 0
 
 

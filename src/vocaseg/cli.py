@@ -473,8 +473,8 @@ def cmd_train_segclip(args) -> int:
 
 CLIP_RC_OPTIONS = ("setting", "init", "model", "pretrained", "dataset", "data_root", "train_split", "split_set",
                    "templates", "n_prompts", "deep_prompts", "regions", "region_block", "fuse", "recovery_layers",
-                   "decoder_layers", "decoder_heads", "decoder_ffn", "dropout", "dense_rule", "calibration",
-                   "focal_weight", "dice_weight", "recovery_weight", "augment", "crop", "steps", "batch_size", "lr",
+                   "patch_context", "decoder_layers", "decoder_heads", "decoder_ffn", "dropout", "dense_rule",
+                   "calibration", "loss", "focal_weight", "dice_weight", "recovery_weight", "augment", "crop", "steps", "batch_size", "lr",
                    "weight_decay", "warmup", "eval_split", "eval_images", "eval_every", "synth_seed", "precision",
                    "seed", "workers", "checkpoint_every", "resume", "overwrite")
 
@@ -982,7 +982,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  context_zs3[_trans]           Pascal Context 50/10 (background seen)\n"
         "  coco_stuff_zs3[_trans]        COCO-Stuff 156/15, 100 prompts, loss weights 200/3/50\n\n"
         "ablations: --regions 0 (no region tokens), --fuse cls|rlb|none, --recovery-layers 0,\n"
-        "           --dense-rule raw|maskclip, --regions 1|4|36, --region-block 0 (toy: join early)\n\n"
+        "           --dense-rule raw|maskclip, --regions 1|4|36, --region-block 0 (toy: join early)\n"
+        "diagnostics (not the paper's): --loss ce (softmax cross-entropy), --patch-context 2 (3x3 convs on\n"
+        "           the decoder's image tokens)\n\n"
         "examples:\n"
         "  vocaseg train clip-rc --preset synth --out runs/rc                     # inductive, toy\n"
         "  vocaseg train clip-rc --setting transductive --init runs/rc --out runs/rc-trans\n"
@@ -1015,6 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fuse", choices=["both", "cls", "rlb", "none"], default=None,
                    help="tokens fused into the image tokens (default both)")
     g.add_argument("--recovery-layers", type=int, default=None, help="recovery decoder layers (default 1; 0: none)")
+    g.add_argument("--patch-context", type=int, default=None, metavar="N",
+                   help="N 3x3 convolutions over the decoder's image tokens, residual (default 0; not the paper's: "
+                   "its patches are scored alone, a toy diagnostic)")
     g.add_argument("--decoder-layers", type=int, default=None, help="default 3")
     g.add_argument("--decoder-heads", type=int, default=None, help="default 8 (toy: 4)")
     g.add_argument("--decoder-ffn", type=int, default=None, help="default 2048 (toy: 512)")
@@ -1024,6 +1029,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration", type=float, default=None,
                    help="subtracted from the seen classes' scores at inference (default 0.1 inductive, else 0)")
     g = t.add_argument_group("loss and schedule")
+    g.add_argument("--loss", choices=["focal_dice", "ce"], default=None,
+                   help="focal_dice: the paper's per-class sigmoid focal + dice, unseen pixels negatives (default); "
+                   "ce: softmax cross-entropy over the trained classes, unseen pixels ignored (ablation)")
     g.add_argument("--focal-weight", type=float, default=None, help="default 100")
     g.add_argument("--dice-weight", type=float, default=None, help="default 1")
     g.add_argument("--recovery-weight", type=float, default=None, help="default 2")

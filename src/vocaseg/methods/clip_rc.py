@@ -70,6 +70,7 @@ from .maskclip_plus import UNLABELED, fill_pseudo_labels
 SETTINGS = ("inductive", "transductive", "supervised")
 FUSE = ("both", "cls", "rlb", "none")
 DENSE_RULES = ("raw", "maskclip")
+LOSSES = ("focal_dice", "ce")
 
 
 # ---------------------------------------------------------------------------- the region-level bridge
@@ -211,11 +212,18 @@ class RegionDecoder(nn.Module):
     """RAM (descriptors and fused image tokens), the decoder, and the training-only recovery decoder."""
 
     def __init__(self, dim: int, layers: int = 3, heads: int = 8, ffn: int = 2048, dropout: float = 0.1,
-                 fuse: str = "both", recovery_layers: int = 1):
+                 fuse: str = "both", recovery_layers: int = 1, patch_context: int = 0):
         super().__init__()
         self.fuse = fuse
         self.query_in = nn.Linear(2 * dim, dim)
         self.image_in = nn.Linear(3 * dim, dim)
+        # not the paper's (a toy diagnostic): 3x3 convolutions over the image tokens, residual, so a
+        # patch's score can see its neighbours; the paper's decoder never mixes the patch tokens
+        context = []
+        for i in range(patch_context):
+            context += [nn.GELU()] if i else []
+            context.append(nn.Conv2d(dim, dim, 3, padding=1))
+        self.context = nn.Sequential(*context) if context else None
         self.layers = nn.ModuleList(ParallelLayer(dim, heads, ffn, dropout) for _ in range(layers))
         if recovery_layers:
             self.recover_query_in, self.recover_image_in = nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -250,6 +258,9 @@ class RegionDecoder(nn.Module):
         c = text.shape[0]
         described = self.descriptors(text, g, r)
         q, tokens = self.query_in(described), self.image_tokens(g, image, r)
+        if self.context is not None:
+            grid = tokens.transpose(1, 2).reshape(b, -1, h, w)
+            tokens = tokens + self.context(grid).flatten(2).transpose(1, 2)
         for layer in self.layers:
             q, tokens = layer(q, tokens)
         m = q.shape[1] // c
@@ -318,7 +329,8 @@ class ClipRcModel(DenseModel):
                                        arch["n_prompts"], arch["deep_prompts"], arch["dropout"])
         dim = self.embed_dim
         self.decoder = RegionDecoder(dim, arch["decoder_layers"], arch["decoder_heads"], arch["decoder_ffn"],
-                                     arch["dropout"], arch["fuse"], arch["recovery_layers"])
+                                     arch["dropout"], arch["fuse"], arch["recovery_layers"],
+                                     arch.get("patch_context", 0))
         self.trained_classes = list(arch["trained_classes"])
         self.calibration = float(arch["calibration"])
 
@@ -405,13 +417,16 @@ class ClipRcConfig(RunFields):
     region_block: int | None = None  # the block region tokens join before (None: the class token's block)
     fuse: str = "both"  # which of the region and global tokens join the image tokens (Table 7)
     recovery_layers: int = 1  # 0: no recovery decoder
+    patch_context: int = 0  # 3x3 conv layers over the decoder's image tokens (not the paper's: a toy diagnostic)
     decoder_layers: int = 3
     decoder_heads: int = 8
     decoder_ffn: int = 2048
     dropout: float = 0.1
     dense_rule: str = "raw"  # the last block's patch tokens: raw (official) or maskclip (value path)
     calibration: float | None = None  # subtracted from seen scores; None: 0.1 inductive, 0 otherwise
-    # loss
+    # loss: the paper's per-class sigmoid focal + dice, or (ablation) softmax cross-entropy over the
+    # trained classes with unseen and ignored pixels ignored, the loss of the probes and of DeepLab
+    loss: str = "focal_dice"
     focal_weight: float = 100.0
     dice_weight: float = 1.0
     recovery_weight: float = 2.0
@@ -427,7 +442,8 @@ class ClipRcConfig(RunFields):
     poly_power: float = 0.9
 
     def __post_init__(self):
-        checks = (("setting", SETTINGS), ("fuse", FUSE), ("dense_rule", DENSE_RULES), ("augment", tuple(AUGMENTS)))
+        checks = (("setting", SETTINGS), ("fuse", FUSE), ("dense_rule", DENSE_RULES), ("augment", tuple(AUGMENTS)),
+                  ("loss", LOSSES))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -538,6 +554,8 @@ class ClipRcRecipe(SegDatasetRecipe):
             "decoder_layers": cfg.decoder_layers, "decoder_heads": cfg.decoder_heads, "decoder_ffn": cfg.decoder_ffn,
             "dropout": cfg.dropout, "dense_rule": cfg.dense_rule, "calibration": cfg.calibration,
             "trained_classes": self.class_names}
+        if cfg.patch_context:  # only when used, so runs from before the switch compare equal
+            self.arch["patch_context"] = cfg.patch_context
         if self.init_info is not None:
             differ = [k for k in self.arch if k not in ("calibration", "trained_classes")
                       and self.init_info["model"].get(k) != self.arch[k]]
@@ -582,9 +600,13 @@ class ClipRcRecipe(SegDatasetRecipe):
         if cfg.setting == "transductive":  # the model's own argmax over the unseen classes, online
             labels = fill_pseudo_labels(labels, logits.detach(), self.unseen.to(labels.device))
         up = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        focal, dice = focal_dice_loss(up, labels)
-        loss = cfg.focal_weight * focal + cfg.dice_weight * dice
-        parts = {"loss_focal": focal.item(), "loss_dice": dice.item()}
+        if cfg.loss == "ce":
+            ce = F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
+            loss, parts = ce, {"loss_ce": ce.item()}
+        else:
+            focal, dice = focal_dice_loss(up, labels)
+            loss = cfg.focal_weight * focal + cfg.dice_weight * dice
+            parts = {"loss_focal": focal.item(), "loss_dice": dice.item()}
         if recovery is not None:
             loss = loss + cfg.recovery_weight * recovery
             parts["loss_recovery"] = recovery.item()
