@@ -394,6 +394,15 @@ def test_synth_crop_sets_the_worlds_scale_in_training_and_test(tmp_path):
         pixels, labels = stream[0]
         assert pixels.shape[-2:] == labels.shape[-2:] == (crop, crop)
         assert recipe.inference_options() == {"mode": "whole", "short_side": crop}
+    # synth_noscale (a diagnostic): the whole scene at the test's scale, only flipped
+    recipe = ClipRcRecipe(make_config("synth", out=str(tmp_path / "n"), crop=48, augment="synth_noscale", **common))
+    stream = recipe.dataset()
+    assert stream.augment.config.ratio_range == (1.0, 1.0) and recipe.inference_options()["short_side"] == 48
+    for i in range(4):
+        _, labels = stream[i]
+        scene = torch.from_numpy(recipe.train_data[stream._index(i)].label)[None, None].float()
+        gt = stream.label_fn(F.interpolate(scene, size=(48, 48), mode="nearest")[0, 0].long())
+        assert max((labels == gt).float().mean(), (labels == gt.flip(-1)).float().mean()) > 0.95
 
 
 def test_transductive_starts_from_the_inductive_weights(toy_run, tmp_path):

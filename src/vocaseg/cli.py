@@ -1035,7 +1035,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--focal-weight", type=float, default=None, help="default 100")
     g.add_argument("--dice-weight", type=float, default=None, help="default 1")
     g.add_argument("--recovery-weight", type=float, default=None, help="default 2")
-    g.add_argument("--augment", default=None, choices=["synth", "mmseg"])
+    g.add_argument("--augment", default=None, choices=["synth", "synth_noscale", "mmseg"],
+                   help="synth: the toy world rescaled by U(0.75, 1.5), 96 crops, flips; synth_noscale: the same "
+                   "without the rescale (diagnostic); mmseg: the papers' pipeline (real presets)")
     g.add_argument("--crop", type=int, default=None,
                    help="training crop = the model's input size (real presets 512; synth 96). With --augment "
                    "synth the 96 px scenes are drawn at this scale and tested at it: --crop 192 trains and tests "

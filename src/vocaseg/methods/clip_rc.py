@@ -465,6 +465,9 @@ AUGMENTS = {
                            photometric="none"),
     "mmseg": MMSEG_VOC_COCO,  # resize toward (2048, 512) x [0.5, 2], 512 crops, cat_max_ratio 0.75, photometric
 }
+# a toy diagnostic: the synth recipe without the random rescale (the toy CLIP was pretrained at one
+# scale, and loses its alignment off it)
+AUGMENTS["synth_noscale"] = AugmentConfig(**{**asdict(AUGMENTS["synth"]), "ratio_range": (1.0, 1.0)})
 
 # Presets: the papers' schedules (shared/specs/clip_rc.md, Sec. 3). AdamW at an effective 2e-4 (the
 # official 2e-5 x10 on every trained tensor), wd 0.01, linear warm-up then poly 0.9 to 1e-6; batch 16.
@@ -576,7 +579,7 @@ class ClipRcRecipe(SegDatasetRecipe):
     def dataset(self):
         cfg = self.cfg
         aug = {**asdict(AUGMENTS[cfg.augment]), "crop": cfg.crop}
-        if cfg.augment == "synth":  # the scene is drawn at the crop's scale: --crop 192 is the 96 px world at 2x
+        if cfg.augment.startswith("synth"):  # the scene is drawn at the crop's scale: --crop 192 is the 96 px world at 2x
             aug["base_size"] = cfg.crop
         augment = JointAugment(AugmentConfig(**aug))
         # ground truth -> training labels: class ids of the trained classes (inductive: remapped to
@@ -617,7 +620,7 @@ class ClipRcRecipe(SegDatasetRecipe):
     def inference_options(self, data=None) -> dict:
         cfg = self.cfg
         options = dict(PRESET_INFERENCE.get(cfg.preset or "", {"mode": "whole", "short_side": cfg.crop}))
-        if cfg.augment == "synth":  # test at the scale it was trained at
+        if cfg.augment.startswith("synth"):  # test at the scale it was trained at
             options["short_side"] = cfg.crop
         return ({**data.protocol} if data is not None else {}) | options
 
