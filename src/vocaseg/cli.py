@@ -984,7 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ablations: --regions 0 (no region tokens), --fuse cls|rlb|none, --recovery-layers 0,\n"
         "           --dense-rule raw|maskclip, --regions 1|4|36, --region-block 0 (toy: join early)\n"
         "diagnostics (not the paper's): --loss ce (softmax cross-entropy), --patch-context 2 (3x3 convs on\n"
-        "           the decoder's image tokens)\n\n"
+        "           the decoder's image tokens), --augment synth_noscale (no random rescale)\n\n"
         "examples:\n"
         "  vocaseg train clip-rc --preset synth --out runs/rc                     # inductive, toy\n"
         "  vocaseg train clip-rc --setting transductive --init runs/rc --out runs/rc-trans\n"
@@ -1031,7 +1031,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("loss and schedule")
     g.add_argument("--loss", choices=["focal_dice", "ce"], default=None,
                    help="focal_dice: the paper's per-class sigmoid focal + dice, unseen pixels negatives (default); "
-                   "ce: softmax cross-entropy over the trained classes, unseen pixels ignored (ablation)")
+                   "ce: softmax cross-entropy over the trained classes, unseen pixels ignored (diagnostic)")
     g.add_argument("--focal-weight", type=float, default=None, help="default 100")
     g.add_argument("--dice-weight", type=float, default=None, help="default 1")
     g.add_argument("--recovery-weight", type=float, default=None, help="default 2")
