@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -424,7 +424,7 @@ class ClipRcConfig(RunFields):
     dropout: float = 0.1
     dense_rule: str = "raw"  # the last block's patch tokens: raw (official) or maskclip (value path)
     calibration: float | None = None  # subtracted from seen scores; None: 0.1 inductive, 0 otherwise
-    # loss: the paper's per-class sigmoid focal + dice, or (ablation) softmax cross-entropy over the
+    # loss: the paper's per-class sigmoid focal + dice, or (a diagnostic) softmax cross-entropy over the
     # trained classes with unseen and ignored pixels ignored, the loss of the probes and of DeepLab
     loss: str = "focal_dice"
     focal_weight: float = 100.0
@@ -467,7 +467,7 @@ AUGMENTS = {
 }
 # a toy diagnostic: the synth recipe without the random rescale (the toy CLIP was pretrained at one
 # scale, and loses its alignment off it)
-AUGMENTS["synth_noscale"] = AugmentConfig(**{**asdict(AUGMENTS["synth"]), "ratio_range": (1.0, 1.0)})
+AUGMENTS["synth_noscale"] = replace(AUGMENTS["synth"], ratio_range=(1.0, 1.0))
 
 # Presets: the papers' schedules (shared/specs/clip_rc.md, Sec. 3). AdamW at an effective 2e-4 (the
 # official 2e-5 x10 on every trained tensor), wd 0.01, linear warm-up then poly 0.9 to 1e-6; batch 16.
