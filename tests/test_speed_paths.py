@@ -38,6 +38,21 @@ def test_batched_windows_equal_a_per_window_loop(kind, mode, size, tokenizer):
         torch.testing.assert_close(result.logits, want, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_forward_gives_the_eager_logits(tokenizer):
+    from torch._dynamo.utils import counters
+
+    seg = _segmenter("vit", tokenizer, mode="slide", short_side=None, window=64, stride=40, batch_size=4)
+    rng = np.random.default_rng(1)
+    images = [(rng.random((70, 131, 3)) * 255).astype(np.uint8), (rng.random((37, 53, 3)) * 255).astype(np.uint8)]
+    classes = ["cat", "road", "sky, cloud"]
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = seg.with_options(compile=True).predict_batch(images, classes)
+    assert counters["stats"]["unique_graphs"] > graphs  # it went through dynamo, not silently eager
+    for image, eager, fast in zip(images, seg.predict_batch(images, classes), compiled):
+        torch.testing.assert_close(fast.logits, eager.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.logits, per_window_logits(seg, image, classes), rtol=1e-5, atol=1e-5)
+
+
 def test_int8_ready_attention_is_the_same_computation():
     torch.manual_seed(0)
     for batch_first in (True, False):
@@ -133,6 +148,16 @@ def test_bench_times_precisions_and_the_baseline_in_one_run(tmp_path):
     assert [r["path"] for r in slide][-1].startswith("per-window") and all(r["images_per_s"] > 0 for r in rows)
     assert slide[1]["speedup_vs_first"] == pytest.approx(slide[1]["images_per_s"] / slide[0]["images_per_s"])
     assert slide[0]["windows_per_s"] / slide[0]["images_per_s"] == pytest.approx(6)  # 336x448: 2 x 3 windows
+
+
+@pytest.mark.slow  # compiles the toy once (tens of seconds)
+def test_bench_compile_times_eager_and_compiled_rows_in_one_run(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "toy", "--images", "2", "--device", "cpu", "--precision", "fp32",
+                 "--setting", "whole image 336", "--compile", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["compiled"] for r in rows] == [False, True] and all(r["images_per_s"] > 0 for r in rows)
+    assert rows[1]["warmup_s"] > rows[0]["warmup_s"]  # the compiling happens in the untimed warm-up call
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

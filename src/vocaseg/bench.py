@@ -12,6 +12,7 @@ CPU), with the same model, images and protocol (:func:`per_window_logits`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import resource
@@ -102,7 +103,8 @@ def _cpu_name() -> str:
 
 def _row_text(row: dict) -> str:
     return (f"  {row['setting']:<26} {row['precision']:<5} {row.get('window_batch', ''):>5} {row['images_per_s']:9.2f} "
-            f"images/s {row['windows_per_s']:10.1f} windows/s   peak memory {row.get('peak_memory_mb', 0):8.0f} MB")
+            f"images/s {row['windows_per_s']:10.1f} windows/s   peak memory {row.get('peak_memory_mb', 0):8.0f} MB"
+            + ("   compiled" if row.get("compiled") else ""))
 
 
 def time_text(seg, classes: int = 171, templates: str = "maskclip85") -> dict:
@@ -204,7 +206,7 @@ def run_bench(model: str = "ViT-B-16", device: str = "cpu", images: int | None =
               threads: int | None = None, baseline: bool = False, json_path: str | None = None,
               settings: tuple[str, ...] | None = None, images_per_call: int = 64, text: bool = False,
               eval_images: int = 0, eval_dir: str | None = None, workers: int = 8, batch_images: int = 64,
-              load_batches: Sequence[int] = (8,)) -> dict:
+              load_batches: Sequence[int] = (8,), compile_modes: Sequence[bool] = (False,)) -> dict:
     from . import Segmenter
 
     if threads:
@@ -227,32 +229,34 @@ def run_bench(model: str = "ViT-B-16", device: str = "cpu", images: int | None =
         if settings and name not in settings:
             continue
         first = None
-        for batch_size in batch_sizes:
-            for precision in precisions:
-                s = seg.with_options(precision=precision, batch_size=batch_size, **opts)
-                for r in s.segment_arrays(batch[:images_per_call], vocab):  # warm-up: kernels, text, int8 copies
+        for batch_size, precision, compiled in itertools.product(batch_sizes, precisions, compile_modes):
+            s = seg.with_options(precision=precision, batch_size=batch_size, compile=compiled, **opts)
+            t0 = time.perf_counter()
+            for r in s.segment_arrays(batch[:images_per_call], vocab):  # warm-up: kernels, text, int8, compiling
+                r.labels_tensor()
+            warmup = time.perf_counter() - t0
+            _sync(dev)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            t0 = time.perf_counter()
+            for start in range(0, images, images_per_call):
+                for r in s.segment_arrays(batch[start:start + images_per_call], vocab):
                     r.labels_tensor()
-                _sync(dev)
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                t0 = time.perf_counter()
-                for start in range(0, images, images_per_call):
-                    for r in s.segment_arrays(batch[start:start + images_per_call], vocab):
-                        r.labels_tensor()
-                _sync(dev)
-                dt = time.perf_counter() - t0
-                windows = s._windows_per_image((375, 500)) * images
-                row = {"setting": name, "precision": precision, "window_batch": s._batch_size(), "path": "batched",
-                       "images_per_s": images / dt, "windows_per_s": windows / dt,
-                       "peak_memory_mb": _peak_memory_mb(dev)}
-                if precision == "int8":
-                    from .quantize import int8_engine
+            _sync(dev)
+            dt = time.perf_counter() - t0
+            windows = s._windows_per_image((375, 500)) * images
+            row = {"setting": name, "precision": precision, "window_batch": s._batch_size(),
+                   "path": "batched, torch.compile" if compiled else "batched", "compiled": compiled,
+                   "images_per_s": images / dt, "windows_per_s": windows / dt,
+                   "peak_memory_mb": _peak_memory_mb(dev), "warmup_s": warmup}
+            if precision == "int8":
+                from .quantize import int8_engine
 
-                    row["int8_engine"] = int8_engine()
-                first = first or row
-                row["speedup_vs_first"] = row["images_per_s"] / first["images_per_s"]
-                report["rows"].append(row)
-                print(_row_text(row) + (f"   x{row['speedup_vs_first']:.2f} vs the first row" if row is not first else ""))
+                row["int8_engine"] = int8_engine()
+            first = first or row
+            row["speedup_vs_first"] = row["images_per_s"] / first["images_per_s"]
+            report["rows"].append(row)
+            print(_row_text(row) + (f"   x{row['speedup_vs_first']:.2f} vs the first row" if row is not first else ""))
         if baseline:
             precision = "fp16" if dev.type == "cuda" else "fp32"
             s = seg.with_options(precision=precision, **opts)
@@ -268,7 +272,7 @@ def run_bench(model: str = "ViT-B-16", device: str = "cpu", images: int | None =
             row = {"setting": name, "precision": precision, "window_batch": 1,
                    "path": "per-window loop (official code's way)", "images_per_s": n / dt,
                    "windows_per_s": s._windows_per_image((375, 500)) * n / dt, "images": n}
-            best = max(r["images_per_s"] for r in report["rows"] if r["setting"] == name and r["path"] == "batched")
+            best = max(r["images_per_s"] for r in report["rows"] if r["setting"] == name and r.get("compiled") is not None)
             row["batched_speedup"] = best / row["images_per_s"]
             report["rows"].append(row)
             print(_row_text(row) + f"   per-window loop (baseline, {n} images); best batched row x{row['batched_speedup']:.2f}")

@@ -82,6 +82,9 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-16")
                    help="auto: bf16 on a GPU, fp32 on the CPU; int8: dynamic int8 image tower on the CPU "
                         "(training-free methods); on CPUs with AMX (Xeon Sapphire Rapids and later) int8 and "
                         "bf16 run 2-3x fp32 (README, Speed)")
+    g.add_argument("--compile", action="store_true",
+                   help="run the model through torch.compile: each new input size compiles first (tens of "
+                        "seconds), so it pays on long evaluations of few image sizes (README, Speed)")
 
 
 def _add_train_run_args(g, eval_help: str = "held-out split evaluated at the end (recorded, never used to "
@@ -115,6 +118,7 @@ def _inference_options(args, base: dict | None = None) -> dict:
     opts["pamr"] = args.pamr
     opts["batch_size"] = args.batch_size
     opts["precision"] = args.precision
+    opts["compile"] = args.compile
     return opts
 
 
@@ -623,7 +627,7 @@ def cmd_bench(args) -> int:
                       json_path=_per_device(args.json, device, len(devices) > 1), settings=args.setting,
                       images_per_call=args.images_per_call, text=args.text, eval_images=args.eval_images,
                       eval_dir=args.eval_dir, workers=args.workers, batch_images=args.batch_images,
-                      load_batches=args.load_batch)
+                      load_batches=args.load_batch, compile_modes=(False, True) if args.compile else (False,))
         except (ValueError, NotImplementedError) as err:
             raise UserError(str(err)) from None
     return 0
@@ -1219,6 +1223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "templates); --eval-images N `vocaseg eval` end to end on N generated JPEGs, and its data loading alone.",
         epilog="examples:\n"
         "  vocaseg bench --precision fp32 int8 bf16                # the CPU's int8 and bf16 paths against fp32\n"
+        "  vocaseg bench --precision fp32 --compile                # eager against torch.compile\n"
         "  VOCASEG_INT8_ENGINE=x86 vocaseg bench --precision fp32 int8   # another int8 engine (default: onednn\n"
         "                                                          # on CPUs with AMX, torch's x86 elsewhere)\n"
         "  vocaseg bench --device cuda --baseline --json gpu.json  # + the per-window loop of the official code\n"
@@ -1237,6 +1242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time only these settings (default: both)")
     p.add_argument("--baseline", action="store_true",
                    help="also time the official code's way: one window at a time in a Python loop (fp16 on a GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="time every row twice, eager and through torch.compile (compiling happens in the warm-up "
+                        "call and is not timed)")
     p.add_argument("--json", default=None, metavar="FILE", help="write every number, the device and versions here")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--text", action="store_true",

@@ -57,6 +57,11 @@ class InferenceConfig:
     ensemble: CLIP-RC runs: beta of the geometric ensemble of the head with the cosine scores of its
         own prompted features for the classes the run was not trained on (FC-CLIP's rule, not in the
         CLIP-RC paper; ``ClipRcModel.logits``). 0 / None: the paper's inference.
+    compile: run the model's forward through ``torch.compile`` (inductor). The first call of each new
+        input shape compiles (tens of seconds); the same numbers within float rounding afterwards.
+        On the CPU the weights are frozen into the compiled code (inductor's ``freezing``: constant
+        folding, pre-packed matrix weights), so a model whose weights change afterwards needs a new
+        Segmenter. Off by default: it pays only over many images of few sizes (README, Speed).
     """
 
     mode: str = "slide"
@@ -78,6 +83,7 @@ class InferenceConfig:
     precision: str = "auto"
     calibration: float | None = None
     ensemble: float | None = None
+    compile: bool = False
 
     def __post_init__(self):
         if self.mode not in ("slide", "whole"):
@@ -504,7 +510,7 @@ class Segmenter:
             if self.config.calibration is not None:
                 inside["calibration"] = self.config.calibration
         with self._autocast():
-            logits = self.model.logits(pixels, classifier, **inside)
+            logits = self._forward()(pixels, classifier, **inside)
         logits = logits.float()
         seen = classifier.extra.get("seen") if classifier.extra else None
         if self.config.calibration is not None and seen is not None and "calibration" not in inside:
@@ -512,6 +518,18 @@ class Segmenter:
             shift = getattr(self.model, "calibration", 0.0) - self.config.calibration
             logits = logits + shift * seen.to(logits.device).float().view(1, -1, 1, 1)
         return logits.clamp_min(LOGIT_FLOOR)
+
+    def _forward(self):
+        """The model's ``logits``, compiled once per model and shared by every view when ``compile`` is on."""
+        model = self.model
+        if not self.config.compile:
+            return model.logits
+        key = ("compiled", id(model), self.config.precision)
+        if key not in self._models:
+            options = {"freezing": True} if self.device.type == "cpu" else None
+            # static shapes: a graph per input size (dynamic ones ran slower); whole images of many sizes recompile
+            self._models[key] = torch.compile(model.logits, dynamic=False, options=options)
+        return self._models[key]
 
     def _window_logits(self, pixels: torch.Tensor, classifier: Classifier) -> torch.Tensor:
         """(B,3,H,W) RGB windows in [0, 1] -> (B, C, H, W) scores, upsampled to the window's pixels."""
