@@ -527,7 +527,8 @@ class Segmenter:
         key = ("compiled", id(model), self.config.precision)
         if key not in self._models:
             options = {"freezing": True} if self.device.type == "cpu" else None
-            # static shapes: a graph per input size (dynamic ones ran slower); whole images of many sizes recompile
+            # static shapes: a graph specialised to each input size; whole images of many sizes compile each,
+            # up to dynamo's recompile limit (8), after which that call runs eager with a warning
             self._models[key] = torch.compile(model.logits, dynamic=False, options=options)
         return self._models[key]
 
