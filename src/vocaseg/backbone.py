@@ -227,8 +227,16 @@ class CLIPBackbone(nn.Module):
         b, n, c = x.shape
         heads = attn.num_heads
         h = block.ln_1(x)
-        qkv = attn.qkv(h) if hasattr(attn, "qkv") else F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.chunk(3, dim=-1)
+        if rule == "maskclip" and not hasattr(attn, "qkv"):
+            # MaskCLIP reads only the values (and the keys for key smoothing): skip the query rows of
+            # the projection (and the key rows without smoothing), 1-2 % of a whole-image forward
+            w, bias = attn.in_proj_weight, attn.in_proj_bias
+            rows = slice(c, 3 * c) if keys else slice(2 * c, 3 * c)
+            kv = F.linear(h, w[rows], None if bias is None else bias[rows])
+            q, k, v = None, *(kv.chunk(2, dim=-1) if keys else (None, kv))
+        else:
+            qkv = attn.qkv(h) if hasattr(attn, "qkv") else F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+            q, k, v = qkv.chunk(3, dim=-1)
 
         def split(t):  # (B, N, C) -> (B, heads, N, C/heads)
             return t.reshape(b, n, heads, c // heads).transpose(1, 2)
