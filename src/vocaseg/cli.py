@@ -1049,7 +1049,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the world at 2x, a 24 x 24 patch grid for the toy, as the papers' 512 crops are 2.3x CLIP's 224")
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-4)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate (the real presets and synth_trans 2e-4, the papers' rate; synth 1e-3, "
+                   "sized for its 2000 steps)")
     g.add_argument("--weight-decay", type=float, default=None)
     g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 150; real presets 1500)")
     _add_train_run_args(g)
