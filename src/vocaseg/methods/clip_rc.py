@@ -40,7 +40,8 @@ as open_clip does (official: twice, a ZegCLIP quirk); positional embeddings are 
 window or whole image works; the transductive run starts from the inductive run's final weights
 (official: its half-schedule checkpoint); the N_m normaliser of the losses is per process (official:
 averaged over GPUs). The head keeps PyTorch's default initialisation, which is what the official
-training ran (its ``init_weights`` is never called).
+training ran (its ``init_weights`` is never called). The toy's inductive preset trains at lr 1e-3, not
+the papers' 2e-4, which is sized for 40k steps and undertrains the head over the toy's 2000.
 """
 
 from __future__ import annotations
