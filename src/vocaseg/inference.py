@@ -663,6 +663,8 @@ class Segmenter:
         h, w = info["size"]
         n = group["base"].shape[0]
         if len(info["positions"]) == 1:  # whole image, or one window: nothing to average (the same numbers)
+            if not grid.is_cuda:  # class-innermost, as label_batch wants it on the CPU: saves a copy at full size
+                grid = grid.contiguous(memory_format=torch.channels_last)
             up = F.interpolate(grid, size=shape, mode="bilinear", align_corners=False)
             logits = up[:, :, :h, :w]
         else:
