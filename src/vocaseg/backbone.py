@@ -233,7 +233,8 @@ class CLIPBackbone(nn.Module):
             w, bias = attn.in_proj_weight, attn.in_proj_bias
             rows = slice(c, 3 * c) if keys else slice(2 * c, 3 * c)
             kv = F.linear(h, w[rows], None if bias is None else bias[rows])
-            q, k, v = None, *(kv.chunk(2, dim=-1) if keys else (None, kv))
+            q = None
+            k, v = kv.chunk(2, dim=-1) if keys else (None, kv)
         else:
             qkv = attn.qkv(h) if hasattr(attn, "qkv") else F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
             q, k, v = qkv.chunk(3, dim=-1)
